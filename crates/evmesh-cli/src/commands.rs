@@ -1,0 +1,429 @@
+//! The commands that talk to a running node.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use evmesh_proto::v1 as pb;
+use evmesh_proto::v1::mesh_client::MeshClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::output;
+
+/// One line for a failed call: the status code and the node's message.
+fn rpc(status: tonic::Status) -> anyhow::Error {
+    anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+async fn connect(server: &str) -> anyhow::Result<MeshClient<Channel>> {
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let endpoint = Channel::from_shared(url.clone())
+        .map_err(|e| anyhow!("--server {server:?} is not a valid URL: {e}"))?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
+    Ok(MeshClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A start position from the command line: earliest, latest, a sequence or an
+/// RFC 3339 time.
+fn position(s: &str, flag: &str) -> anyhow::Result<pb::StartPosition> {
+    use pb::start_position::Position;
+    let position = match s {
+        "earliest" => Position::Earliest(()),
+        "latest" => Position::Latest(()),
+        _ => match s.parse::<u64>() {
+            Ok(seq) => Position::Sequence(seq),
+            Err(_) => {
+                let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+                    anyhow!("{flag} {s:?} is not earliest, latest, a sequence or an RFC 3339 time")
+                })?;
+                Position::Time(t.into())
+            }
+        },
+    };
+    Ok(pb::StartPosition {
+        position: Some(position),
+    })
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PublishArgs {
+    /// Event type, e.g. shop.order.placed.
+    #[arg(long = "type")]
+    ty: String,
+    /// Fully qualified payload message name, e.g. shop.v1.OrderPlaced.
+    #[arg(long)]
+    message: String,
+    /// File holding the payload's encoded protobuf bytes; - for standard input.
+    #[arg(long)]
+    payload_file: PathBuf,
+    /// Event id; the node assigns a UUIDv7 when left out.
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    schema_version: Option<String>,
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long)]
+    aggregate_id: Option<String>,
+    #[arg(long)]
+    correlation_id: Option<String>,
+    #[arg(long)]
+    causation_id: Option<String>,
+    /// A header as KEY=VALUE; repeatable.
+    #[arg(long = "header", value_name = "KEY=VALUE")]
+    headers: Vec<String>,
+}
+
+pub(crate) async fn publish(server: &str, args: PublishArgs) -> anyhow::Result<()> {
+    let value = if args.payload_file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .context("cannot read the payload from standard input")?;
+        buf
+    } else {
+        std::fs::read(&args.payload_file).with_context(|| {
+            format!("cannot read --payload-file {}", args.payload_file.display())
+        })?
+    };
+    let mut headers = std::collections::HashMap::new();
+    for h in &args.headers {
+        let (k, v) = h
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--header {h:?} must be KEY=VALUE"))?;
+        headers.insert(k.to_owned(), v.to_owned());
+    }
+    let event = pb::Event {
+        id: args.id.unwrap_or_default(),
+        r#type: args.ty,
+        schema_version: args.schema_version.unwrap_or_default(),
+        occurred_at: None,
+        source: args.source.unwrap_or_default(),
+        aggregate_id: args.aggregate_id.unwrap_or_default(),
+        correlation_id: args.correlation_id.unwrap_or_default(),
+        causation_id: args.causation_id.unwrap_or_default(),
+        headers,
+        payload: Some(prost_types::Any {
+            type_url: format!("type.googleapis.com/{}", args.message),
+            value,
+        }),
+    };
+    let mut client = connect(server).await?;
+    let response = client
+        .publish_event(pb::PublishRequest { event: Some(event) })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    match response.result {
+        Some(pb::publish_response::Result::Ack(ack)) => print_json(&serde_json::json!({
+            "event_id": ack.event_id,
+            "sequence": ack.sequence,
+            "duplicate": ack.duplicate,
+            "correlation_id": ack.correlation_id,
+        })),
+        Some(pb::publish_response::Result::Rejection(r)) => bail!("rejected: {}", r.message),
+        None => bail!("the node sent an empty response"),
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SubscribeArgs {
+    /// Type patterns: `*` one token, `>` the rest, optionally `@semver-requirement`.
+    #[arg(required = true)]
+    patterns: Vec<String>,
+    /// Durable group; each event is acked after it is printed. Without a group the
+    /// subscription is ephemeral and fire-and-forget.
+    #[arg(long)]
+    group: Option<String>,
+    /// Where a new group or an ephemeral subscription starts: earliest, latest, a
+    /// sequence or an RFC 3339 time.
+    #[arg(long, default_value = "latest")]
+    from: String,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: u32,
+}
+
+pub(crate) async fn subscribe(server: &str, args: SubscribeArgs) -> anyhow::Result<()> {
+    use pb::subscribe_request::Request as R;
+    use pb::subscribe_response::Response as S;
+    let start = position(&args.from, "--from")?;
+    let mut client = connect(server).await?;
+    let (tx, rx) = mpsc::channel(64);
+    let auto_ack = args.group.is_none();
+    tx.send(pb::SubscribeRequest {
+        request: Some(R::Open(pb::SubscribeOpen {
+            patterns: args.patterns,
+            group: args.group.unwrap_or_default(),
+            start: Some(start),
+            max_in_flight: args.max_in_flight,
+            ack_timeout: None,
+            max_deliveries: 0,
+            auto_ack,
+        })),
+    })
+    .await
+    .context("cannot open the subscription")?;
+    let mut stream = client
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let mut seen = 0u64;
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    while let Some(message) = stream.message().await.map_err(rpc)? {
+        let Some(S::Delivery(d)) = message.response else {
+            continue;
+        };
+        let Some(event) = &d.event else { continue };
+        print_json(&output::event_json(d.sequence, Some(d.attempt), event));
+        if !auto_ack {
+            tx.send(pb::SubscribeRequest {
+                request: Some(R::Ack(pb::Ack {
+                    sequences: vec![d.sequence],
+                })),
+            })
+            .await
+            .context("the subscription closed")?;
+        }
+        seen += 1;
+        if args.count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    // Let the last acks reach the node before the stream closes.
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ChainArgs {
+    correlation_id: String,
+    /// tree: the causation tree; json: one JSON line per event.
+    #[arg(long, default_value = "tree", value_parser = ["tree", "json"])]
+    output: String,
+}
+
+pub(crate) async fn chain(server: &str, args: ChainArgs) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let events = client
+        .get_chain(pb::GetChainRequest {
+            correlation_id: args.correlation_id.clone(),
+            limit: 0,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .events;
+    if events.is_empty() {
+        bail!("no events with correlation id {:?}", args.correlation_id);
+    }
+    if args.output == "json" {
+        for c in &events {
+            if let Some(e) = &c.event {
+                print_json(&output::event_json(c.sequence, None, e));
+            }
+        }
+    } else {
+        print!("{}", output::chain_tree(&events));
+    }
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum GroupsCommand {
+    /// Every durable group with its lag, pending and dead-letter counts.
+    List,
+    /// Move a group to a position; deliveries in flight are forgotten.
+    Seek {
+        group: String,
+        /// earliest, latest, a sequence or an RFC 3339 time.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+fn group_row(g: &pb::GroupInfo) -> Vec<String> {
+    let timeout = g
+        .ack_timeout
+        .and_then(|d| Duration::try_from(d).ok())
+        .map_or("-".to_owned(), |d| {
+            humantime::format_duration(d).to_string()
+        });
+    vec![
+        g.name.clone(),
+        g.patterns.join(","),
+        g.ack_floor.to_string(),
+        g.lag.to_string(),
+        g.pending.to_string(),
+        g.dead_letters.to_string(),
+        g.members.to_string(),
+        timeout,
+        g.max_deliveries.to_string(),
+    ]
+}
+
+const GROUP_HEADER: [&str; 9] = [
+    "GROUP",
+    "PATTERNS",
+    "ACK_FLOOR",
+    "LAG",
+    "PENDING",
+    "DEAD",
+    "MEMBERS",
+    "ACK_TIMEOUT",
+    "MAX_DELIVERIES",
+];
+
+pub(crate) async fn groups(server: &str, command: GroupsCommand) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    match command {
+        GroupsCommand::List => {
+            let groups = client
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .groups;
+            let rows: Vec<_> = groups.iter().map(group_row).collect();
+            print!("{}", output::table(&GROUP_HEADER, &rows));
+        }
+        GroupsCommand::Seek { group, to } => {
+            let position = position(&to, "--to")?;
+            let info = client
+                .seek_group(pb::SeekGroupRequest {
+                    group,
+                    position: Some(position),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .group
+                .ok_or_else(|| anyhow!("the node sent no group"))?;
+            print!("{}", output::table(&GROUP_HEADER, &[group_row(&info)]));
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum DlqCommand {
+    /// A group's dead letters, oldest first.
+    List {
+        group: String,
+        /// json: one JSON line per dead letter.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Deliver dead letters again, attempts reset.
+    Redrive {
+        group: String,
+        /// Only these sequences; all when left out.
+        #[arg(long = "seq")]
+        sequences: Vec<u64>,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        group: String,
+        /// Only these sequences; all when left out.
+        #[arg(long = "seq")]
+        sequences: Vec<u64>,
+    },
+}
+
+pub(crate) async fn dlq(server: &str, command: DlqCommand) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    match command {
+        DlqCommand::List {
+            group,
+            output: format,
+        } => {
+            let letters = client
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    group,
+                    after_sequence: 0,
+                    limit: 0,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .dead_letters;
+            if format == "json" {
+                for d in &letters {
+                    let mut v = d.event.as_ref().map_or(serde_json::json!({}), |e| {
+                        output::event_json(d.sequence, None, e)
+                    });
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.insert("attempts".into(), d.attempts.into());
+                        obj.insert("reason".into(), d.reason.clone().into());
+                        obj.insert("dead_at".into(), output::time(d.dead_at.as_ref()));
+                    }
+                    print_json(&v);
+                }
+            } else {
+                let rows: Vec<Vec<String>> = letters
+                    .iter()
+                    .map(|d| {
+                        let e = d.event.clone().unwrap_or_default();
+                        vec![
+                            d.sequence.to_string(),
+                            e.r#type,
+                            e.id,
+                            d.attempts.to_string(),
+                            output::time(d.dead_at.as_ref())
+                                .as_str()
+                                .unwrap_or("-")
+                                .to_owned(),
+                            d.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(
+                        &["SEQ", "TYPE", "ID", "ATTEMPTS", "DEAD_AT", "REASON"],
+                        &rows
+                    )
+                );
+            }
+        }
+        DlqCommand::Redrive { group, sequences } => {
+            let n = client
+                .redrive_dead_letters(pb::RedriveDeadLettersRequest { group, sequences })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .redriven;
+            println!("redriven {n}");
+        }
+        DlqCommand::Purge { group, sequences } => {
+            let n = client
+                .purge_dead_letters(pb::PurgeDeadLettersRequest { group, sequences })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .purged;
+            println!("purged {n}");
+        }
+    }
+    Ok(())
+}

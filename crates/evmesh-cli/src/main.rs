@@ -1,0 +1,101 @@
+//! `evmesh`: run a mesh node, and talk to one.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod commands;
+mod output;
+mod serve;
+
+#[derive(Parser)]
+#[command(
+    name = "evmesh",
+    version,
+    about = "A gRPC event mesh with typed schemas"
+)]
+struct Cli {
+    /// The node to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "EVMESH_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a mesh node.
+    Serve(ServeArgs),
+    /// Publish one event.
+    Publish(commands::PublishArgs),
+    /// Print events as JSON lines, one per event.
+    Subscribe(commands::SubscribeArgs),
+    /// Show every event of a workflow as its causation tree.
+    Chain(commands::ChainArgs),
+    /// Durable consumer groups.
+    #[command(subcommand)]
+    Groups(commands::GroupsCommand),
+    /// Dead letters of a group.
+    #[command(subcommand)]
+    Dlq(commands::DlqCommand),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "EVMESH_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Directory of the embedded log.
+    #[arg(long, env = "EVMESH_DATA", default_value = "./evmesh-data")]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Largest payload accepted, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_payload_bytes: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("evmesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Publish(args) => commands::publish(&cli.server, args).await,
+            Command::Subscribe(args) => commands::subscribe(&cli.server, args).await,
+            Command::Chain(args) => commands::chain(&cli.server, args).await,
+            Command::Groups(cmd) => commands::groups(&cli.server, cmd).await,
+            Command::Dlq(cmd) => commands::dlq(&cli.server, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("evmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

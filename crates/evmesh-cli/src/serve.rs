@@ -1,0 +1,72 @@
+//! `evmesh serve`: the node with its embedded log.
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use evmesh_node::{Limits, NodeConfig};
+use evmesh_store::sqlite::{Config, SqliteStore};
+
+use crate::{LogFormat, ServeArgs};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    if args.max_payload_bytes == 0 {
+        anyhow::bail!("--max-payload-bytes must be at least 1");
+    }
+    let store = SqliteStore::open(Config::new(&args.data))
+        .await
+        .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data = %args.data.display(), "serving");
+    let config = NodeConfig {
+        limits: Limits {
+            max_payload_bytes: args.max_payload_bytes,
+            ..Limits::default()
+        },
+    };
+    evmesh_node::serve(store, config, listener, signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! The `evmesh` binary end to end: a real `evmesh serve` process, and the client
+//! commands against it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_evmesh");
+
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+impl Served {
+    /// `evmesh serve` on an ephemeral port over `data`; waits for its "serving" line.
+    fn start(data: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("EVMESH_DATA", data)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn evmesh serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let addr = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("serve logs a serving line");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json logs");
+            if v["fields"]["message"] == "serving" {
+                break v["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        };
+        Self { child, addr }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("EVMESH_SERVER", &self.addr)
+            .output()
+            .expect("run evmesh")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "evmesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("evmesh serve did not exit after SIGTERM");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A failing command prints exactly one line on stderr and exits non-zero.
+#[track_caller]
+fn one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("evmesh: "), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr} does not name {needle:?}");
+}
+
+#[test]
+fn serve_publish_subscribe_chain_groups_dlq() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("payload.bin");
+    std::fs::write(&payload, b"\x0a\x03o-1").unwrap();
+    let payload = payload.to_str().unwrap();
+    let node = Served::start(&dir.path().join("data"));
+
+    let publish = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec![
+            "publish",
+            "--message",
+            "shop.v1.OrderPlaced",
+            "--payload-file",
+            payload,
+        ];
+        all.extend_from_slice(args);
+        serde_json::from_str(&node.ok(&all)).unwrap()
+    };
+    let placed = publish(&[
+        "--type",
+        "shop.order.placed",
+        "--id",
+        "o-1",
+        "--source",
+        "order",
+        "--header",
+        "k=v",
+    ]);
+    assert_eq!(placed["sequence"], 1);
+    assert_eq!(placed["duplicate"], false);
+    let again = publish(&["--type", "shop.order.placed", "--id", "o-1"]);
+    assert_eq!(again["duplicate"], true);
+    publish(&[
+        "--type",
+        "shop.payment.succeeded",
+        "--id",
+        "p-1",
+        "--correlation-id",
+        "o-1",
+        "--causation-id",
+        "o-1",
+    ]);
+    publish(&[
+        "--type",
+        "shop.shipment.scheduled",
+        "--id",
+        "s-1",
+        "--correlation-id",
+        "o-1",
+        "--causation-id",
+        "p-1",
+    ]);
+
+    let out = node.ok(&["subscribe", "shop.>", "--from", "earliest", "--count", "3"]);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0]["id"], "o-1");
+    assert_eq!(events[0]["headers"]["k"], "v");
+    assert_eq!(
+        events[0]["payload"]["@type"],
+        "type.googleapis.com/shop.v1.OrderPlaced"
+    );
+    assert_eq!(events[2]["causation_id"], "p-1");
+
+    let tree = node.ok(&["chain", "o-1"]);
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(
+        lines[0].starts_with("#1 shop.order.placed  id=o-1 source=order"),
+        "{tree}"
+    );
+    assert!(
+        lines[1].starts_with("└─ #2 shop.payment.succeeded  id=p-1"),
+        "{tree}"
+    );
+    assert!(
+        lines[2].starts_with("   └─ #3 shop.shipment.scheduled  id=s-1"),
+        "{tree}"
+    );
+
+    // A group takes two events and acks them.
+    let out = node.ok(&[
+        "subscribe",
+        "shop.>",
+        "--group",
+        "audit",
+        "--from",
+        "earliest",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(out.lines().count(), 2);
+    let groups = node.ok(&["groups", "list"]);
+    let row: Vec<&str> = groups.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["audit", "shop.>", "2", "1"], "{groups}");
+    let seeked = node.ok(&["groups", "seek", "audit", "--to", "earliest"]);
+    assert!(
+        seeked.lines().nth(1).unwrap().starts_with("audit"),
+        "{seeked}"
+    );
+
+    // Dead letters of a group with none.
+    let list = node.ok(&["dlq", "list", "audit"]);
+    assert_eq!(list.lines().count(), 1, "only the header: {list}");
+    assert_eq!(node.ok(&["dlq", "redrive", "audit"]).trim(), "redriven 0");
+    assert_eq!(
+        node.ok(&["dlq", "purge", "audit", "--seq", "1"]).trim(),
+        "purged 0"
+    );
+
+    // Errors: one line, non-zero.
+    one_line_error(
+        &node.run(&[
+            "publish",
+            "--type",
+            "Bad",
+            "--message",
+            "m.M",
+            "--payload-file",
+            payload,
+        ]),
+        "event.type",
+    );
+    one_line_error(&node.run(&["dlq", "list", "nobody"]), "NotFound");
+    one_line_error(&node.run(&["chain", "nobody"]), "no events");
+    one_line_error(
+        &node.run(&["subscribe", "shop.>", "--from", "yesterday"]),
+        "--from",
+    );
+    one_line_error(
+        &node.run(&[
+            "publish",
+            "--type",
+            "a.b",
+            "--message",
+            "m.M",
+            "--payload-file",
+            "/nonexistent",
+        ]),
+        "--payload-file",
+    );
+
+    let status = node.terminate();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+
+    // Everything acked is there after a restart.
+    let node = Served::start(&dir.path().join("data"));
+    let out = node.ok(&["chain", "o-1", "--output", "json"]);
+    assert_eq!(out.lines().count(), 3);
+    assert!(node.terminate().success());
+}
+
+#[test]
+fn unreachable_server_is_one_line() {
+    let out = Command::new(BIN)
+        .args(["--server", "127.0.0.1:1", "groups", "list"])
+        .output()
+        .unwrap();
+    one_line_error(&out, "cannot connect");
+    let out = Command::new(BIN)
+        .args(["--server", "not a url", "groups", "list"])
+        .output()
+        .unwrap();
+    one_line_error(&out, "--server");
+}
+
+#[test]
+fn serve_refuses_a_bad_listen_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &addr])
+        .env("EVMESH_DATA", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("evmesh: cannot listen on {addr}")),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,93 @@
+//! The evmesh mesh node: the tonic services (`evmesh.v1.Mesh`, `grpc.health.v1`,
+//! server reflection v1 and v1alpha) over any [`evmesh_store::Store`].
+//!
+//! This crate validates envelopes and translates between the wire and the store;
+//! delivery semantics live in the store. It is the only crate that knows tonic's
+//! server types. It has no feature flags.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+
+use evmesh_proto::v1::mesh_server::MeshServer;
+use evmesh_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+mod convert;
+pub mod envelope;
+mod mesh;
+mod oversize;
+
+pub use envelope::Limits;
+
+/// How a node is set up, beyond its store and listener.
+#[derive(Debug, Clone, Default)]
+pub struct NodeConfig {
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("stopping the store: {0}")]
+    Store(#[from] evmesh_store::StoreError),
+}
+
+/// Serves the node on `listener` until `shutdown` resolves. Then it stops accepting,
+/// ends subscriptions, answers the publishes in flight, and stops the store.
+pub async fn serve<S: Store>(
+    store: S,
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let (down_tx, down_rx) = watch::channel(false);
+    let decode_limit = (config.limits.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
+    let mesh = MeshServer::new(mesh::MeshService::new(
+        store.clone(),
+        config.limits,
+        down_rx.clone(),
+    ))
+    .max_decoding_message_size(decode_limit)
+    .max_encoding_message_size(decode_limit);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<MeshServer<mesh::MeshService<S>>>()
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(evmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        down_tx.send_replace(true);
+    });
+    let mut down = down_rx.clone();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(
+            oversize::resource_exhausted,
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(mesh)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = down.wait_for(|&d| d).await;
+        })
+        .await?;
+    store.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}

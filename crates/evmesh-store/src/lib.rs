@@ -1,0 +1,264 @@
+//! evmesh storage: the [`Store`] trait that every backend implements, and the
+//! embedded SQLite backend ([`sqlite::SqliteStore`]).
+//!
+//! A store owns the log, durable consumer groups (dispatch, acks, redelivery,
+//! per-aggregate order), and dead letters. The gRPC layer only translates: all
+//! delivery semantics live behind the trait, so that a backend such as NATS
+//! JetStream, whose consumers do dispatch themselves, can stand in its place.
+//!
+//! What it is not: input validation of envelopes (the node does that) or schemas.
+//! This crate has no feature flags.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use evmesh_proto::v1::Event;
+use tokio::sync::mpsc;
+
+pub mod sqlite;
+mod subject;
+
+pub use subject::{MAX_TYPE_LEN, Pattern, SubjectError, validate_event_type};
+
+/// An event in the log at its sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub sequence: u64,
+    pub event: Event,
+}
+
+/// The outcome of appending one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub sequence: u64,
+    /// The id was already in the log; nothing was stored and `sequence` is the
+    /// original one.
+    pub duplicate: bool,
+}
+
+/// Where a new group, an ephemeral subscription or a seek starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPosition {
+    Earliest,
+    #[default]
+    Latest,
+    /// The event with this sequence, or the first one after it.
+    Sequence(u64),
+    /// The first event appended at or after this time.
+    Time(SystemTime),
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    /// At least one.
+    pub patterns: Vec<Pattern>,
+    /// Durable group; `None` for an ephemeral subscription.
+    pub group: Option<String>,
+    pub start: StartPosition,
+    pub max_in_flight: u32,
+    pub ack_timeout: Duration,
+    /// Deliveries before dead-lettering; 0 never dead-letters.
+    pub max_deliveries: u32,
+    pub auto_ack: bool,
+}
+
+impl SubscriptionSpec {
+    pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
+    pub const MAX_MAX_IN_FLIGHT: u32 = 10_000;
+    pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
+
+    /// A spec with the defaults: ephemeral, from latest.
+    pub fn new(patterns: Vec<Pattern>) -> Self {
+        Self {
+            patterns,
+            group: None,
+            start: StartPosition::Latest,
+            max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
+            ack_timeout: Self::DEFAULT_ACK_TIMEOUT,
+            max_deliveries: Self::DEFAULT_MAX_DELIVERIES,
+            auto_ack: false,
+        }
+    }
+}
+
+/// One delivery of an event to a subscription member.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub event: Arc<StoredEvent>,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+}
+
+/// A durable group as seen from outside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupInfo {
+    pub name: String,
+    pub patterns: Vec<String>,
+    pub ack_floor: u64,
+    pub lag: u64,
+    pub pending: u64,
+    pub dead_letters: u64,
+    pub members: u32,
+    pub ack_timeout: Duration,
+    pub max_deliveries: u32,
+    pub head_sequence: u64,
+}
+
+/// An event that exhausted its deliveries in one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub event: StoredEvent,
+    pub attempts: u32,
+    pub reason: String,
+    pub dead_at: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
+    #[error("store is shutting down")]
+    ShuttingDown,
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt record at sequence {sequence}: {source}")]
+    Corrupt {
+        sequence: u64,
+        source: prost::DecodeError,
+    },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The storage of one mesh node. Cloning is cheap and shares the store.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Appends events durably, in order. Returns once they are committed; an id
+    /// already in the log (or earlier in `events`) is a duplicate.
+    fn append(&self, events: Vec<Event>) -> impl Future<Output = Result<Vec<Appended>>> + Send;
+
+    /// Opens a subscription: joins (or creates) a durable group, or starts an
+    /// ephemeral one.
+    fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+    ) -> impl Future<Output = Result<Subscription>> + Send;
+
+    /// Every event of one correlation id, in log order, at most `limit`.
+    fn chain(
+        &self,
+        correlation_id: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
+
+    /// Every durable group.
+    fn groups(&self) -> impl Future<Output = Result<Vec<GroupInfo>>> + Send;
+
+    /// Moves a group to a position; in-flight deliveries are forgotten.
+    fn seek(
+        &self,
+        group: &str,
+        position: StartPosition,
+    ) -> impl Future<Output = Result<GroupInfo>> + Send;
+
+    /// A group's dead letters with a sequence above `after`, oldest first.
+    fn dead_letters(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// Puts dead letters (all when `sequences` is empty) back into the group.
+    fn redrive(&self, group: &str, sequences: &[u64]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Deletes dead letters (all when `sequences` is empty).
+    fn purge(&self, group: &str, sequences: &[u64]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Finishes what is in flight, persists group state and stops.
+    fn shutdown(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What a subscription member sends back to its dispatcher.
+#[derive(Debug)]
+pub enum Feedback {
+    Ack(Vec<u64>),
+    Nack {
+        sequences: Vec<u64>,
+        delay: Duration,
+        reason: String,
+    },
+}
+
+/// The sending half of a subscription: acks and nacks. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SubscriptionControl {
+    member: u64,
+    feedback: mpsc::Sender<(u64, Feedback)>,
+}
+
+impl SubscriptionControl {
+    /// Sends an ack or nack; waits while the dispatcher is busy.
+    pub async fn send(&self, feedback: Feedback) -> Result<()> {
+        self.feedback
+            .send((self.member, feedback))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)
+    }
+}
+
+/// An open subscription: deliveries in, acks and nacks out. Dropping it leaves the
+/// group, and what it held unacked is redelivered to other members.
+#[derive(Debug)]
+pub struct Subscription {
+    pub group: String,
+    pub member_id: String,
+    /// This subscribe created the group.
+    pub created: bool,
+    /// The first sequence the group had not settled when this member joined.
+    pub start_sequence: u64,
+    auto_ack: bool,
+    deliveries: mpsc::Receiver<Delivery>,
+    control: SubscriptionControl,
+    leave: mpsc::UnboundedSender<u64>,
+}
+
+impl Subscription {
+    /// The next delivery; `None` when the store is shutting down. With auto_ack,
+    /// the delivery is acked as it is handed out.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        let delivery = self.deliveries.recv().await?;
+        if self.auto_ack {
+            // A closed dispatcher ends the stream on the next recv.
+            let _ = self
+                .control
+                .send(Feedback::Ack(vec![delivery.event.sequence]))
+                .await;
+        }
+        Some(delivery)
+    }
+
+    pub fn control(&self) -> SubscriptionControl {
+        self.control.clone()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // The dispatcher may be gone already; nothing to tell it then.
+        let _ = self.leave.send(self.control.member);
+    }
+}

@@ -1,0 +1,834 @@
+//! Group dispatch: one task per durable group (or ephemeral subscription) that owns
+//! all of its state: what is ready, in flight, waiting for a retry, settled, and
+//! which aggregates are busy. Members get deliveries through bounded channels and
+//! answer with acks and nacks; nothing here waits on a member.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::Log;
+use super::writer::{Checkpoint, DeadRow, WriteOp};
+use crate::{
+    Delivery, Feedback, GroupInfo, Pattern, Result, StoreError, StoredEvent, Subscription,
+    SubscriptionControl, SubscriptionSpec,
+};
+
+/// Events loaded and waiting for a member with room.
+const READY_MAX: usize = 1024;
+/// Events read from the log at a time.
+const READ_BATCH: usize = 256;
+/// How far past the ack floor a group reads: one stuck event holds back at most this
+/// many, which bounds the settled set kept above the floor.
+const SPAN_MAX: u64 = 1 << 16;
+/// How often a group's state is checkpointed when it changed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+/// Feedback messages handled before dispatching again.
+const FEEDBACK_BATCH: usize = 1024;
+
+static EPHEMERAL: AtomicU64 = AtomicU64::new(1);
+
+/// A durable group's configuration as stored.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupRow {
+    pub name: String,
+    pub patterns: Vec<Pattern>,
+    pub ack_timeout: Duration,
+    pub max_deliveries: u32,
+    pub ack_floor: u64,
+}
+
+impl GroupRow {
+    pub(crate) fn patterns_sql(patterns: &[Pattern]) -> String {
+        patterns
+            .iter()
+            .map(Pattern::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub(crate) fn from_sql(row: &sqlx::sqlite::SqliteRow) -> Result<Self> {
+        let name: String = row.get(0);
+        let patterns = row
+            .get::<&str, _>(1)
+            .lines()
+            .map(Pattern::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                StoreError::InvalidArgument(format!("stored pattern of group {name:?} {e}"))
+            })?;
+        Ok(Self {
+            name,
+            patterns,
+            ack_timeout: Duration::from_millis(u64::try_from(row.get::<i64, _>(2)).unwrap_or(0)),
+            max_deliveries: u32::try_from(row.get::<i64, _>(3)).unwrap_or(0),
+            ack_floor: u64::try_from(row.get::<i64, _>(4)).unwrap_or(0),
+        })
+    }
+}
+
+pub(crate) enum Command {
+    Join {
+        patterns: Vec<Pattern>,
+        max_in_flight: u32,
+        tx: mpsc::Sender<Delivery>,
+        reply: oneshot::Sender<Result<(u64, u64)>>,
+    },
+    Info(oneshot::Sender<Result<GroupInfo>>),
+    Seek {
+        floor: u64,
+        reply: oneshot::Sender<Result<GroupInfo>>,
+    },
+    Flush(oneshot::Sender<Result<()>>),
+    Redrive {
+        sequences: Vec<u64>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Purge {
+        sequences: Vec<u64>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+}
+
+/// How the store and members reach a dispatcher.
+#[derive(Clone)]
+pub(crate) struct GroupHandle {
+    name: String,
+    commands: mpsc::Sender<Command>,
+    feedback: mpsc::Sender<(u64, Feedback)>,
+    leave: mpsc::UnboundedSender<u64>,
+}
+
+impl GroupHandle {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    pub(crate) async fn send(&self, command: Command) -> Result<()> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| StoreError::ShuttingDown)
+    }
+
+    pub(crate) async fn join(&self, spec: SubscriptionSpec, created: bool) -> Result<Subscription> {
+        let max_in_flight = spec
+            .max_in_flight
+            .clamp(1, SubscriptionSpec::MAX_MAX_IN_FLIGHT);
+        let (tx, deliveries) = mpsc::channel(max_in_flight as usize);
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Join {
+            patterns: spec.patterns,
+            max_in_flight,
+            tx,
+            reply,
+        })
+        .await?;
+        let (member, start_sequence) = answer.await.map_err(|_| StoreError::ShuttingDown)??;
+        Ok(Subscription {
+            group: self.name.clone(),
+            member_id: member.to_string(),
+            created,
+            start_sequence,
+            auto_ack: spec.auto_ack,
+            deliveries,
+            control: SubscriptionControl {
+                member,
+                feedback: self.feedback.clone(),
+            },
+            leave: self.leave.clone(),
+        })
+    }
+}
+
+struct Pending {
+    event: Arc<StoredEvent>,
+    /// Deliveries made so far.
+    attempts: u32,
+}
+
+struct InFlight {
+    pending: Pending,
+    member: u64,
+    deadline: Instant,
+}
+
+struct Member {
+    id: u64,
+    tx: mpsc::Sender<Delivery>,
+    max_in_flight: u32,
+    in_flight: u32,
+}
+
+impl Member {
+    fn has_room(&self) -> bool {
+        self.in_flight < self.max_in_flight
+    }
+}
+
+/// State changes not yet checkpointed.
+#[derive(Default)]
+struct Dirty {
+    any: bool,
+    reset: bool,
+    settled: Vec<u64>,
+    unredrive: Vec<u64>,
+    dead: Vec<DeadRow>,
+}
+
+struct Dispatcher {
+    log: Arc<Log>,
+    name: String,
+    durable: bool,
+    patterns: Vec<Pattern>,
+    ack_timeout: Duration,
+    max_deliveries: u32,
+
+    /// Every sequence up to here is settled.
+    floor: u64,
+    /// Settled sequences above the floor.
+    settled: BTreeSet<u64>,
+    /// Next sequence to read from the log.
+    cursor: u64,
+    ready: BTreeMap<u64, Pending>,
+    in_flight: HashMap<u64, InFlight>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    delayed: BTreeSet<(Instant, u64)>,
+    delayed_events: HashMap<u64, Pending>,
+    /// Aggregate id → the sequence that holds it until settled.
+    busy: HashMap<String, u64>,
+    /// Redriven dead letters not yet settled again; `unloaded` still to be read.
+    redrive: BTreeSet<u64>,
+    unloaded: BTreeSet<u64>,
+    dead_count: u64,
+
+    members: Vec<Member>,
+    next_member: u64,
+    round_robin: usize,
+    dirty: Dirty,
+
+    commands: mpsc::Receiver<Command>,
+    feedback: mpsc::Receiver<(u64, Feedback)>,
+    leave: mpsc::UnboundedReceiver<u64>,
+}
+
+/// The receiving ends of a dispatcher's channels.
+struct Inboxes {
+    commands: mpsc::Receiver<Command>,
+    feedback: mpsc::Receiver<(u64, Feedback)>,
+    leave: mpsc::UnboundedReceiver<u64>,
+}
+
+fn channels(name: &str) -> (GroupHandle, Inboxes) {
+    let (commands, commands_rx) = mpsc::channel(64);
+    let (feedback, feedback_rx) = mpsc::channel(4096);
+    let (leave, leave_rx) = mpsc::unbounded_channel();
+    let handle = GroupHandle {
+        name: name.to_owned(),
+        commands,
+        feedback,
+        leave,
+    };
+    let inboxes = Inboxes {
+        commands: commands_rx,
+        feedback: feedback_rx,
+        leave: leave_rx,
+    };
+    (handle, inboxes)
+}
+
+impl Dispatcher {
+    fn new(log: Arc<Log>, row: GroupRow, durable: bool) -> (Self, GroupHandle) {
+        let (
+            handle,
+            Inboxes {
+                commands,
+                feedback,
+                leave,
+            },
+        ) = channels(&row.name);
+        let dispatcher = Self {
+            log,
+            name: row.name,
+            durable,
+            patterns: row.patterns,
+            ack_timeout: row.ack_timeout,
+            max_deliveries: row.max_deliveries,
+            floor: row.ack_floor,
+            settled: BTreeSet::new(),
+            cursor: row.ack_floor + 1,
+            ready: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            delayed: BTreeSet::new(),
+            delayed_events: HashMap::new(),
+            busy: HashMap::new(),
+            redrive: BTreeSet::new(),
+            unloaded: BTreeSet::new(),
+            dead_count: 0,
+            members: Vec::new(),
+            next_member: 1,
+            round_robin: 0,
+            dirty: Dirty::default(),
+            commands,
+            feedback,
+            leave,
+        };
+        (dispatcher, handle)
+    }
+}
+
+pub(crate) async fn spawn_durable(
+    log: Arc<Log>,
+    row: GroupRow,
+) -> Result<(GroupHandle, JoinHandle<()>)> {
+    let (settled, redrive) = log.group_sets(&row.name).await?;
+    let dead_count = log.dead_letter_count(&row.name).await?;
+    let (mut dispatcher, handle) = Dispatcher::new(log, row, true);
+    dispatcher.settled = settled
+        .into_iter()
+        .filter(|&s| s > dispatcher.floor)
+        .collect();
+    dispatcher.unloaded = redrive.iter().copied().collect();
+    dispatcher.redrive = redrive.into_iter().collect();
+    dispatcher.dead_count = dead_count;
+    Ok((handle, tokio::spawn(dispatcher.run())))
+}
+
+pub(crate) fn spawn_ephemeral(
+    log: Arc<Log>,
+    spec: &SubscriptionSpec,
+    floor: u64,
+) -> (GroupHandle, JoinHandle<()>) {
+    let row = GroupRow {
+        name: format!("_ephemeral.{}", EPHEMERAL.fetch_add(1, Ordering::Relaxed)),
+        patterns: spec.patterns.clone(),
+        ack_timeout: spec.ack_timeout,
+        max_deliveries: spec.max_deliveries,
+        ack_floor: floor,
+    };
+    let (dispatcher, handle) = Dispatcher::new(log, row, false);
+    (handle, tokio::spawn(dispatcher.run()))
+}
+
+impl Dispatcher {
+    async fn run(mut self) {
+        let mut shutdown = self.log.watch_shutdown();
+        let mut head = self.log.watch_head();
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow_and_update() {
+                break;
+            }
+            if let Err(e) = self.fill().await {
+                tracing::error!(group = %self.name, error = %e, "reading the log");
+            }
+            self.dispatch();
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some(member) = self.leave.recv() => {
+                    self.leave_member(member);
+                    if !self.durable && self.members.is_empty() {
+                        break;
+                    }
+                }
+                Some((member, feedback)) = self.feedback.recv() => {
+                    self.on_feedback(member, feedback);
+                    for _ in 0..FEEDBACK_BATCH {
+                        match self.feedback.try_recv() {
+                            Ok((member, feedback)) => self.on_feedback(member, feedback),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(command) = self.commands.recv() => self.on_command(command).await,
+                Ok(()) = head.changed(), if self.wants_events() => {}
+                () = sleep_until(wake), if wake.is_some() => self.expire(),
+                _ = tick.tick() => {
+                    if let Err(e) = self.checkpoint(None).await {
+                        tracing::error!(group = %self.name, error = %e, "checkpoint");
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.checkpoint(None).await {
+            tracing::error!(group = %self.name, error = %e, "final checkpoint");
+        }
+    }
+
+    fn wants_events(&self) -> bool {
+        !self.members.is_empty()
+            && self.ready.len() < READY_MAX
+            && self.cursor - self.floor <= SPAN_MAX
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let deadline = self.deadlines.first().map(|d| d.0);
+        let delayed = self.delayed.first().map(|d| d.0);
+        match (deadline, delayed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Loads redriven dead letters and new events from the log into `ready`.
+    async fn fill(&mut self) -> Result<()> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        while self.ready.len() < READY_MAX {
+            let Some(seq) = self.unloaded.pop_first() else {
+                break;
+            };
+            match self.log.read_one(seq).await? {
+                Some(event) => {
+                    self.ready.insert(seq, Pending { event, attempts: 0 });
+                }
+                None => self.settle(seq),
+            }
+        }
+        while self.wants_events() && self.cursor <= self.log.head() {
+            let batch = self.log.read_from(self.cursor, READ_BATCH).await?;
+            let Some(last) = batch.last() else { break };
+            self.cursor = last.sequence + 1;
+            for event in batch {
+                let seq = event.sequence;
+                if self.settled.contains(&seq)
+                    || self.ready.contains_key(&seq)
+                    || self.in_flight.contains_key(&seq)
+                    || self.delayed_events.contains_key(&seq)
+                {
+                    continue;
+                }
+                let e = &event.event;
+                if self
+                    .patterns
+                    .iter()
+                    .any(|p| p.matches(&e.r#type, &e.schema_version))
+                {
+                    self.ready.insert(seq, Pending { event, attempts: 0 });
+                } else {
+                    self.settle(seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands ready events to members with room, oldest first, holding back an
+    /// event while its aggregate is busy with an earlier one.
+    fn dispatch(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let mut room: u64 = self
+            .members
+            .iter()
+            .map(|m| u64::from(m.max_in_flight.saturating_sub(m.in_flight)))
+            .sum();
+        if room == 0 {
+            return;
+        }
+        let mut chosen = Vec::new();
+        {
+            let mut claimed: HashSet<&str> = HashSet::new();
+            for (&seq, pending) in &self.ready {
+                if room == 0 {
+                    break;
+                }
+                let aggregate = pending.event.event.aggregate_id.as_str();
+                if !aggregate.is_empty() {
+                    if self
+                        .busy
+                        .get(aggregate)
+                        .is_some_and(|&holder| holder != seq)
+                    {
+                        continue;
+                    }
+                    if !claimed.insert(aggregate) {
+                        continue;
+                    }
+                }
+                chosen.push(seq);
+                room -= 1;
+            }
+        }
+        for seq in chosen {
+            if let Some(pending) = self.ready.remove(&seq)
+                && let Err(pending) = self.deliver(pending)
+            {
+                self.ready.insert(seq, pending);
+            }
+        }
+    }
+
+    fn deliver(&mut self, mut pending: Pending) -> Result<(), Pending> {
+        let n = self.members.len();
+        for i in 0..n {
+            let index = (self.round_robin + i) % n;
+            let member = &mut self.members[index];
+            if !member.has_room() {
+                continue;
+            }
+            let delivery = Delivery {
+                event: pending.event.clone(),
+                attempt: pending.attempts + 1,
+            };
+            // A full channel holds deliveries from before a seek; try the next member.
+            if member.tx.try_send(delivery).is_err() {
+                continue;
+            }
+            member.in_flight += 1;
+            let member_id = member.id;
+            self.round_robin = (index + 1) % n;
+            pending.attempts += 1;
+            let seq = pending.event.sequence;
+            let aggregate = &pending.event.event.aggregate_id;
+            if !aggregate.is_empty() {
+                self.busy.insert(aggregate.clone(), seq);
+            }
+            let deadline = Instant::now() + self.ack_timeout;
+            self.deadlines.insert((deadline, seq));
+            self.in_flight.insert(
+                seq,
+                InFlight {
+                    pending,
+                    member: member_id,
+                    deadline,
+                },
+            );
+            return Ok(());
+        }
+        Err(pending)
+    }
+
+    fn take_in_flight(&mut self, seq: u64) -> Option<Pending> {
+        let flight = self.in_flight.remove(&seq)?;
+        self.deadlines.remove(&(flight.deadline, seq));
+        if let Some(member) = self.members.iter_mut().find(|m| m.id == flight.member) {
+            member.in_flight = member.in_flight.saturating_sub(1);
+        }
+        Some(flight.pending)
+    }
+
+    fn on_feedback(&mut self, _member: u64, feedback: Feedback) {
+        match feedback {
+            Feedback::Ack(sequences) => {
+                for seq in sequences {
+                    if let Some(pending) = self.take_in_flight(seq) {
+                        self.release(&pending);
+                        self.settle(seq);
+                    }
+                }
+            }
+            Feedback::Nack {
+                sequences,
+                delay,
+                reason,
+            } => {
+                let reason = if reason.is_empty() {
+                    "nacked".to_owned()
+                } else {
+                    reason
+                };
+                for seq in sequences {
+                    if let Some(pending) = self.take_in_flight(seq) {
+                        self.retry(pending, &reason, delay);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frees the event's aggregate for the next event.
+    fn release(&mut self, pending: &Pending) {
+        let aggregate = &pending.event.event.aggregate_id;
+        if self.busy.get(aggregate) == Some(&pending.event.sequence) {
+            self.busy.remove(aggregate);
+        }
+    }
+
+    /// A failed delivery: again after `delay`, or to the dead letters once the
+    /// group's deliveries are used up.
+    fn retry(&mut self, pending: Pending, reason: &str, delay: Duration) {
+        let seq = pending.event.sequence;
+        if self.max_deliveries > 0 && pending.attempts >= self.max_deliveries {
+            self.dead_letter(pending, reason);
+        } else if delay.is_zero() {
+            self.ready.insert(seq, pending);
+        } else {
+            self.delayed.insert((Instant::now() + delay, seq));
+            self.delayed_events.insert(seq, pending);
+        }
+    }
+
+    fn dead_letter(&mut self, pending: Pending, reason: &str) {
+        let seq = pending.event.sequence;
+        self.release(&pending);
+        if self.durable {
+            tracing::warn!(group = %self.name, sequence = seq, attempts = pending.attempts, reason, "dead letter");
+            self.dirty.dead.push(DeadRow {
+                sequence: seq,
+                attempts: pending.attempts,
+                reason: reason.to_owned(),
+                dead_at: SystemTime::now(),
+            });
+            self.dead_count += 1;
+        } else {
+            tracing::warn!(group = %self.name, sequence = seq, attempts = pending.attempts, reason, "dropped after max deliveries");
+        }
+        self.settle(seq);
+    }
+
+    fn settle(&mut self, seq: u64) {
+        self.dirty.any = true;
+        if self.redrive.remove(&seq) {
+            self.dirty.unredrive.push(seq);
+        }
+        if seq <= self.floor {
+            return;
+        }
+        if seq == self.floor + 1 {
+            self.floor = seq;
+            while self.settled.remove(&(self.floor + 1)) {
+                self.floor += 1;
+            }
+        } else if self.settled.insert(seq) {
+            self.dirty.settled.push(seq);
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, seq)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            if let Some(pending) = self.take_in_flight(seq) {
+                let reason = format!("no ack within {:?}", self.ack_timeout);
+                self.retry(pending, &reason, Duration::ZERO);
+            } else {
+                self.deadlines.pop_first();
+            }
+        }
+        while let Some(&(at, seq)) = self.delayed.first() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop_first();
+            if let Some(pending) = self.delayed_events.remove(&seq) {
+                self.ready.insert(seq, pending);
+            }
+        }
+    }
+
+    fn leave_member(&mut self, member: u64) {
+        self.members.retain(|m| m.id != member);
+        let held: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.member == member)
+            .map(|(&seq, _)| seq)
+            .collect();
+        for seq in held {
+            if let Some(pending) = self.take_in_flight(seq) {
+                self.retry(pending, "member disconnected", Duration::ZERO);
+            }
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Join {
+                patterns,
+                max_in_flight,
+                tx,
+                reply,
+            } => {
+                let _ = reply.send(self.join(patterns, max_in_flight, tx));
+            }
+            Command::Info(reply) => {
+                let _ = reply.send(Ok(self.info()));
+            }
+            Command::Seek { floor, reply } => {
+                self.seek(floor);
+                let result = self.flush().await.map(|()| self.info());
+                let _ = reply.send(result);
+            }
+            Command::Flush(reply) => {
+                let _ = reply.send(self.flush().await);
+            }
+            Command::Redrive { sequences, reply } => {
+                let _ = reply.send(self.redrive(sequences).await);
+            }
+            Command::Purge { sequences, reply } => {
+                let result = self.purge(sequences).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        patterns: Vec<Pattern>,
+        max_in_flight: u32,
+        tx: mpsc::Sender<Delivery>,
+    ) -> Result<(u64, u64)> {
+        if patterns != self.patterns {
+            if !self.members.is_empty() {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "group {:?} is consuming [{}] with {} live member(s); a member with other patterns must wait until they leave",
+                    self.name,
+                    GroupRow::patterns_sql(&self.patterns).replace('\n', ", "),
+                    self.members.len()
+                )));
+            }
+            if self.durable {
+                let op = WriteOp::UpdatePatterns {
+                    group: self.name.clone(),
+                    patterns: patterns.clone(),
+                };
+                // Best effort: the next checkpoint's writer is the same queue.
+                if self.log.writer.try_send(op).is_err() {
+                    return Err(StoreError::ShuttingDown);
+                }
+            }
+            tracing::info!(group = %self.name, "group patterns changed");
+            self.patterns = patterns;
+        }
+        let id = self.next_member;
+        self.next_member += 1;
+        self.members.push(Member {
+            id,
+            tx,
+            max_in_flight,
+            in_flight: 0,
+        });
+        Ok((id, self.floor + 1))
+    }
+
+    fn info(&self) -> GroupInfo {
+        let head = self.log.head();
+        GroupInfo {
+            name: self.name.clone(),
+            patterns: self
+                .patterns
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
+            ack_floor: self.floor,
+            lag: head
+                .saturating_sub(self.floor)
+                .saturating_sub(self.settled.len() as u64),
+            pending: (self.in_flight.len() + self.delayed_events.len()) as u64,
+            dead_letters: self.dead_count,
+            members: u32::try_from(self.members.len()).unwrap_or(u32::MAX),
+            ack_timeout: self.ack_timeout,
+            max_deliveries: self.max_deliveries,
+            head_sequence: head,
+        }
+    }
+
+    fn seek(&mut self, floor: u64) {
+        self.floor = floor;
+        self.cursor = floor + 1;
+        self.settled.clear();
+        self.ready.clear();
+        self.in_flight.clear();
+        self.deadlines.clear();
+        self.delayed.clear();
+        self.delayed_events.clear();
+        self.busy.clear();
+        self.unloaded = self.redrive.clone();
+        for member in &mut self.members {
+            member.in_flight = 0;
+        }
+        self.dirty.settled.clear();
+        self.dirty.reset = true;
+        self.dirty.any = true;
+        tracing::info!(group = %self.name, floor, "group seeked");
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        self.checkpoint(Some(reply)).await?;
+        done.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// Sends the state changes to the writer. With a reply, always sends, so the
+    /// reply says when everything before it is committed.
+    async fn checkpoint(&mut self, reply: Option<oneshot::Sender<Result<()>>>) -> Result<()> {
+        if !self.durable {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return Ok(());
+        }
+        if !self.dirty.any && reply.is_none() {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let checkpoint = Checkpoint {
+            group: self.name.clone(),
+            floor: self.floor,
+            reset: dirty.reset,
+            settled: dirty.settled,
+            unredrive: dirty.unredrive,
+            dead: dirty.dead,
+            reply,
+        };
+        self.log.write(WriteOp::Checkpoint(checkpoint)).await
+    }
+
+    async fn redrive(&mut self, sequences: Vec<u64>) -> Result<u64> {
+        self.flush().await?;
+        let (reply, done) = oneshot::channel();
+        self.log
+            .write(WriteOp::Redrive {
+                group: self.name.clone(),
+                sequences,
+                reply,
+            })
+            .await?;
+        let moved = done.await.map_err(|_| StoreError::ShuttingDown)??;
+        self.dead_count = self.dead_count.saturating_sub(moved.len() as u64);
+        for &seq in &moved {
+            self.redrive.insert(seq);
+            self.unloaded.insert(seq);
+        }
+        tracing::info!(group = %self.name, count = moved.len(), "dead letters redriven");
+        Ok(moved.len() as u64)
+    }
+
+    async fn purge(&mut self, sequences: Vec<u64>) -> Result<u64> {
+        self.flush().await?;
+        let (reply, done) = oneshot::channel();
+        self.log
+            .write(WriteOp::Purge {
+                group: self.name.clone(),
+                sequences,
+                reply,
+            })
+            .await?;
+        let purged = done.await.map_err(|_| StoreError::ShuttingDown)??;
+        self.dead_count = self.dead_count.saturating_sub(purged);
+        tracing::info!(group = %self.name, count = purged, "dead letters purged");
+        Ok(purged)
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,479 @@
+//! The embedded backend: one SQLite file in WAL mode through sqlx.
+//!
+//! One writer task owns the only write connection and commits whatever has queued
+//! up while the previous commit was running (group commit). Readers use a small
+//! pool of read-only connections. Recently appended events are also kept in memory,
+//! so live subscribers are fed without touching the database. Each durable group
+//! (and each ephemeral subscription) is one dispatcher task that owns all of its
+//! state; group state reaches the database in periodic checkpoints through the
+//! writer.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use evmesh_proto::v1::Event;
+use prost::Message;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::{
+    Appended, DeadLetter, GroupInfo, Result, StartPosition, Store, StoreError, StoredEvent,
+    Subscription, SubscriptionSpec,
+};
+
+mod dispatch;
+mod migrations;
+mod writer;
+
+use dispatch::{Command, GroupHandle, GroupRow};
+use writer::WriteOp;
+
+/// The file name of the log inside the data directory.
+pub const DB_FILE: &str = "evmesh.db";
+
+/// How the embedded store is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory holding `evmesh.db`; created when missing.
+    pub data_dir: PathBuf,
+    /// Most events committed in one transaction.
+    pub max_batch_events: usize,
+    /// Recently appended events kept in memory for live subscribers.
+    pub recent_events: usize,
+    /// Read-only connections for catch-up reads and queries.
+    pub readers: u32,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_batch_events: 4096,
+            recent_events: 8192,
+            readers: 4,
+        }
+    }
+}
+
+/// The embedded SQLite store. Cloning shares it.
+#[derive(Clone)]
+pub struct SqliteStore {
+    log: Arc<Log>,
+    groups: Arc<Mutex<HashMap<String, GroupHandle>>>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    writer_task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// What every task of the store shares: the writer, readers, the head of the log
+/// and the recent events.
+pub(crate) struct Log {
+    pool: SqlitePool,
+    writer: mpsc::Sender<WriteOp>,
+    head: watch::Sender<u64>,
+    recent: RwLock<Recent>,
+    recent_capacity: usize,
+    shutdown: watch::Sender<bool>,
+}
+
+struct Recent {
+    /// Sequence of `events[0]`; head + 1 when empty.
+    first: u64,
+    events: VecDeque<Arc<StoredEvent>>,
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn decode(sequence: i64, envelope: &[u8]) -> Result<StoredEvent> {
+    let sequence = u64::try_from(sequence).unwrap_or(0);
+    let event =
+        Event::decode(envelope).map_err(|source| StoreError::Corrupt { sequence, source })?;
+    Ok(StoredEvent { sequence, event })
+}
+
+fn rows_to_events(rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<StoredEvent>> {
+    rows.iter()
+        .map(|row| decode(row.get::<i64, _>(0), row.get::<&[u8], _>(1)))
+        .collect()
+}
+
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+impl Log {
+    pub(crate) fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    pub(crate) fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    pub(crate) fn watch_shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub(crate) async fn write(&self, op: WriteOp) -> Result<()> {
+        self.writer
+            .send(op)
+            .await
+            .map_err(|_| StoreError::ShuttingDown)
+    }
+
+    /// Called by the writer after a commit, in sequence order.
+    fn push_recent(&self, appended: Vec<Arc<StoredEvent>>) {
+        let Some(last) = appended.last().map(|e| e.sequence) else {
+            return;
+        };
+        {
+            let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
+            for event in appended {
+                recent.events.push_back(event);
+            }
+            while recent.events.len() > self.recent_capacity {
+                recent.events.pop_front();
+                recent.first += 1;
+            }
+        }
+        self.head.send_replace(last);
+    }
+
+    /// Up to `max` events from `from` on, from memory when recent enough.
+    pub(crate) async fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<StoredEvent>>> {
+        {
+            let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
+            if from >= recent.first {
+                let skip = usize::try_from(from - recent.first).unwrap_or(usize::MAX);
+                return Ok(recent.events.iter().skip(skip).take(max).cloned().collect());
+            }
+        }
+        let rows =
+            sqlx::query("SELECT seq, envelope FROM events WHERE seq >= ? ORDER BY seq LIMIT ?")
+                .bind(seq_param(from))
+                .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows_to_events(rows)?.into_iter().map(Arc::new).collect())
+    }
+
+    pub(crate) async fn read_one(&self, seq: u64) -> Result<Option<Arc<StoredEvent>>> {
+        let events = self.read_from(seq, 1).await?;
+        Ok(events.into_iter().next().filter(|e| e.sequence == seq))
+    }
+
+    /// The sequence of the last event before `position`: a group starting there has
+    /// settled everything up to it.
+    pub(crate) async fn floor_for(&self, position: StartPosition) -> Result<u64> {
+        let head = self.head();
+        Ok(match position {
+            StartPosition::Earliest => 0,
+            StartPosition::Latest => head,
+            StartPosition::Sequence(seq) => seq.saturating_sub(1).min(head),
+            StartPosition::Time(t) => self.first_appended_at_or_after(unix_ms(t)).await? - 1,
+        })
+    }
+
+    /// Binary search over appended_at, which never decreases with seq: no index needed.
+    async fn first_appended_at_or_after(&self, ms: i64) -> Result<u64> {
+        let (mut lo, mut hi) = (1u64, self.head() + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT appended_at FROM events WHERE seq = ?")
+                    .bind(seq_param(mid))
+                    .fetch_optional(&self.pool)
+                    .await?;
+            match at {
+                Some(at) if at < ms => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
+    pub(crate) async fn dead_letter_count(&self, group: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE grp = ?")
+            .bind(group)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(crate) async fn group_sets(&self, group: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+        let settled: Vec<i64> =
+            sqlx::query_scalar("SELECT seq FROM group_settled WHERE grp = ? ORDER BY seq")
+                .bind(group)
+                .fetch_all(&self.pool)
+                .await?;
+        let redrive: Vec<i64> =
+            sqlx::query_scalar("SELECT seq FROM group_redrive WHERE grp = ? ORDER BY seq")
+                .bind(group)
+                .fetch_all(&self.pool)
+                .await?;
+        let to_u64 = |v: Vec<i64>| {
+            v.into_iter()
+                .filter_map(|s| u64::try_from(s).ok())
+                .collect()
+        };
+        Ok((to_u64(settled), to_u64(redrive)))
+    }
+
+    async fn group_row(&self, name: &str) -> Result<Option<GroupRow>> {
+        let row = sqlx::query(
+            "SELECT name, patterns, ack_timeout_ms, max_deliveries, ack_floor FROM groups WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| GroupRow::from_sql(&row)).transpose()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the log in `config.data_dir`, applies the
+    /// migrations and starts the writer.
+    pub async fn open(config: Config) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let path = config.data_dir.join(DB_FILE);
+        let options = connect_options(&path);
+        let mut conn = options.clone().create_if_missing(true).connect().await?;
+        migrations::migrator().await?.run(&mut conn).await?;
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+            .fetch_one(&mut conn)
+            .await?;
+        let head = u64::try_from(head).unwrap_or(0);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.readers.max(1))
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        let (writer_tx, writer_rx) = mpsc::channel(1024);
+        let log = Arc::new(Log {
+            pool,
+            writer: writer_tx,
+            head: watch::Sender::new(head),
+            recent: RwLock::new(Recent {
+                first: head + 1,
+                events: VecDeque::with_capacity(config.recent_events),
+            }),
+            recent_capacity: config.recent_events,
+            shutdown: watch::Sender::new(false),
+        });
+        let writer_task = tokio::spawn(writer::run(
+            conn,
+            writer_rx,
+            Arc::downgrade(&log),
+            config.max_batch_events,
+        ));
+        tracing::info!(path = %path.display(), head, "log opened");
+        Ok(Self {
+            log,
+            groups: Arc::default(),
+            tasks: Arc::default(),
+            writer_task: Arc::new(Mutex::new(Some(writer_task))),
+        })
+    }
+
+    /// The last sequence in the log.
+    pub fn head(&self) -> u64 {
+        self.log.head()
+    }
+
+    /// The handle of a durable group's dispatcher, spawning it when not running.
+    /// `create` makes the group when it does not exist.
+    async fn group(
+        &self,
+        name: &str,
+        create: Option<&SubscriptionSpec>,
+    ) -> Result<(GroupHandle, bool)> {
+        let mut groups = self.groups.lock().await;
+        if let Some(handle) = groups.get(name)
+            && !handle.is_closed()
+        {
+            return Ok((handle.clone(), false));
+        }
+        if *self.log.shutdown.borrow() {
+            return Err(StoreError::ShuttingDown);
+        }
+        let (row, created) = match (self.log.group_row(name).await?, create) {
+            (Some(row), _) => (row, false),
+            (None, Some(spec)) => {
+                let row = GroupRow {
+                    name: name.to_owned(),
+                    patterns: spec.patterns.clone(),
+                    ack_timeout: spec.ack_timeout,
+                    max_deliveries: spec.max_deliveries,
+                    ack_floor: self.log.floor_for(spec.start).await?,
+                };
+                let (reply, done) = oneshot::channel();
+                self.log
+                    .write(WriteOp::CreateGroup {
+                        row: row.clone(),
+                        reply,
+                    })
+                    .await?;
+                done.await.map_err(|_| StoreError::ShuttingDown)??;
+                (row, true)
+            }
+            (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
+        };
+        let (handle, task) = dispatch::spawn_durable(self.log.clone(), row).await?;
+        self.tasks.lock().await.push(task);
+        groups.insert(name.to_owned(), handle.clone());
+        Ok((handle, created))
+    }
+
+    async fn ask<T>(
+        &self,
+        group: &str,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<T> {
+        let (handle, _) = self.group(group, None).await?;
+        let (reply, answer) = oneshot::channel();
+        handle.send(make(reply)).await?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+}
+
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: every commit is fsynced before its acks go out.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .statement_cache_capacity(64)
+        .disable_statement_logging()
+}
+
+impl Store for SqliteStore {
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, done) = oneshot::channel();
+        self.log.write(WriteOp::Append { events, reply }).await?;
+        done.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {
+        if spec.patterns.is_empty() {
+            return Err(StoreError::InvalidArgument(
+                "at least one pattern is required".into(),
+            ));
+        }
+        match spec.group.clone() {
+            Some(name) => {
+                let (handle, created) = self.group(&name, Some(&spec)).await?;
+                handle.join(spec, created).await
+            }
+            None => {
+                if *self.log.shutdown.borrow() {
+                    return Err(StoreError::ShuttingDown);
+                }
+                let floor = self.log.floor_for(spec.start).await?;
+                let (handle, task) = dispatch::spawn_ephemeral(self.log.clone(), &spec, floor);
+                self.tasks.lock().await.push(task);
+                handle.join(spec, true).await
+            }
+        }
+    }
+
+    async fn chain(&self, correlation_id: &str, limit: usize) -> Result<Vec<StoredEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, envelope FROM events WHERE correlation_id = ? ORDER BY seq LIMIT ?",
+        )
+        .bind(correlation_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.log.pool)
+        .await?;
+        rows_to_events(rows)
+    }
+
+    async fn groups(&self) -> Result<Vec<GroupInfo>> {
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM groups ORDER BY name")
+            .fetch_all(&self.log.pool)
+            .await?;
+        let mut infos = Vec::with_capacity(names.len());
+        for name in names {
+            infos.push(self.ask(&name, Command::Info).await?);
+        }
+        Ok(infos)
+    }
+
+    async fn seek(&self, group: &str, position: StartPosition) -> Result<GroupInfo> {
+        let floor = self.log.floor_for(position).await?;
+        self.ask(group, |reply| Command::Seek { floor, reply })
+            .await
+    }
+
+    async fn dead_letters(&self, group: &str, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {
+        // Flush the group's latest state first, so that what is listed is current.
+        self.ask(group, Command::Flush).await?;
+        let rows = sqlx::query(
+            "SELECT d.seq, e.envelope, d.attempts, d.reason, d.dead_at
+             FROM dead_letters d JOIN events e ON e.seq = d.seq
+             WHERE d.grp = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
+        )
+        .bind(group)
+        .bind(seq_param(after))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.log.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    event: decode(row.get(0), row.get::<&[u8], _>(1))?,
+                    attempts: u32::try_from(row.get::<i64, _>(2)).unwrap_or(0),
+                    reason: row.get(3),
+                    dead_at: from_unix_ms(row.get(4)),
+                })
+            })
+            .collect()
+    }
+
+    async fn redrive(&self, group: &str, sequences: &[u64]) -> Result<u64> {
+        let sequences = sequences.to_vec();
+        self.ask(group, |reply| Command::Redrive { sequences, reply })
+            .await
+    }
+
+    async fn purge(&self, group: &str, sequences: &[u64]) -> Result<u64> {
+        let sequences = sequences.to_vec();
+        self.ask(group, |reply| Command::Purge { sequences, reply })
+            .await
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.log.shutdown.send_replace(true);
+        let tasks: Vec<_> = self.tasks.lock().await.drain(..).collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.groups.lock().await.clear();
+        let (reply, done) = oneshot::channel();
+        // The writer stops after this op; everything queued before it is committed.
+        if self.log.writer.send(WriteOp::Stop { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        if let Some(task) = self.writer_task.lock().await.take() {
+            let _ = task.await;
+        }
+        self.log.pool.close().await;
+        Ok(())
+    }
+}
