@@ -284,3 +284,90 @@ fn serve_refuses_a_bad_listen_address() {
         "{stderr}"
     );
 }
+
+/// SIGKILL while publishers stream: every event that was acked is in the log after
+/// a restart, at the sequence it was acked with.
+#[test]
+fn nothing_acked_is_lost_on_sigkill() {
+    use evmesh_tests::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let node = Served::start(&data);
+    let url = format!("http://{}", node.addr);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let acked: Vec<(String, u64)> = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for stream in 0..4 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut client = pb::mesh_client::MeshClient::connect(url).await.unwrap();
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                let mut responses = client
+                    .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let e = evmesh_tests::event_with_id(
+                            "crash.test.event",
+                            &format!("s{stream}-{i}"),
+                        );
+                        if tx
+                            .send(pb::PublishRequest { event: Some(e) })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let mut acked = Vec::new();
+                // Until the node dies under us.
+                while let Ok(Some(r)) = responses.message().await {
+                    let a = evmesh_tests::ack_of(&r);
+                    acked.push((a.event_id.clone(), a.sequence));
+                }
+                acked
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let mut node = node;
+        node.child.kill().unwrap(); // SIGKILL
+        node.child.wait().unwrap();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert!(acked.len() > 100, "publishers got going: {}", acked.len());
+
+    let node = Served::start(&data);
+    let url = format!("http://{}", node.addr);
+    runtime.block_on(async {
+        let mut client = pb::mesh_client::MeshClient::connect(url).await.unwrap();
+        let mut sub = evmesh_tests::Sub::open(
+            &mut client,
+            pb::SubscribeOpen {
+                auto_ack: true,
+                max_in_flight: 10_000,
+                ..evmesh_tests::open(&["crash.>"])
+            },
+        )
+        .await
+        .unwrap();
+        let mut stored = std::collections::HashMap::new();
+        while let Some(d) = sub.try_next(Duration::from_millis(500)).await {
+            stored.insert(d.event.unwrap().id, d.sequence);
+        }
+        for (id, seq) in &acked {
+            assert_eq!(
+                stored.get(id),
+                Some(seq),
+                "acked event {id} at {seq} is in the log"
+            );
+        }
+    });
+    drop(node);
+}

@@ -12,7 +12,6 @@ use evmesh_proto::v1::mesh_server::MeshServer;
 use evmesh_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 mod convert;
 pub mod envelope;
@@ -74,8 +73,9 @@ pub async fn serve<S: Store>(
         down_tx.send_replace(true);
     });
     let mut down = down_rx.clone();
+    // Nagle's algorithm would hold small responses back for tens of milliseconds.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .layer(tower::util::MapResponseLayer::new(
             oversize::resource_exhausted,
         ))
@@ -83,7 +83,7 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(mesh)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = down.wait_for(|&d| d).await;
         })
         .await?;

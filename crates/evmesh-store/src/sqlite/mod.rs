@@ -387,7 +387,11 @@ impl Store for SqliteStore {
                 }
                 let floor = self.log.floor_for(spec.start).await?;
                 let (handle, task) = dispatch::spawn_ephemeral(self.log.clone(), &spec, floor);
-                self.tasks.lock().await.push(task);
+                let mut tasks = self.tasks.lock().await;
+                // Ephemeral subscriptions come and go; keep only the live ones.
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task);
+                drop(tasks);
                 handle.join(spec, true).await
             }
         }
