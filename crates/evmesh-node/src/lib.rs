@@ -21,9 +21,20 @@ mod oversize;
 pub use envelope::Limits;
 
 /// How a node is set up, beyond its store and listener.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub limits: Limits,
+    /// How long a stopping node waits for clients to close their connections.
+    pub shutdown_grace: std::time::Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            shutdown_grace: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +59,7 @@ pub async fn serve<S: Store>(
     let decode_limit = (config.limits.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
     let mesh = MeshServer::new(mesh::MeshService::new(
         store.clone(),
-        config.limits,
+        config.limits.clone(),
         down_rx.clone(),
     ))
     .max_decoding_message_size(decode_limit)
@@ -72,10 +83,10 @@ pub async fn serve<S: Store>(
         tracing::info!("shutting down");
         down_tx.send_replace(true);
     });
-    let mut down = down_rx.clone();
+    let mut down_server = down_rx.clone();
     // Nagle's algorithm would hold small responses back for tens of milliseconds.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             oversize::resource_exhausted,
         ))
@@ -84,9 +95,19 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1alpha)
         .add_service(mesh)
         .serve_with_incoming_shutdown(incoming, async move {
-            let _ = down.wait_for(|&d| d).await;
-        })
-        .await?;
+            let _ = down_server.wait_for(|&d| d).await;
+        });
+    // The node ends its own streams at once on shutdown; a client that still holds a
+    // connection open after the grace period is cut off.
+    let mut down = down_rx.clone();
+    let grace = async move {
+        let _ = down.wait_for(|&d| d).await;
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = grace => tracing::warn!(grace = ?config.shutdown_grace, "closing connections still open after the grace period"),
+    }
     store.shutdown().await?;
     tracing::info!("stopped");
     Ok(())

@@ -236,10 +236,17 @@ fn deliveries(
 async fn feedback(
     mut inbound: Streaming<pb::SubscribeRequest>,
     control: evmesh_store::SubscriptionControl,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     use pb::subscribe_request::Request as R;
     loop {
-        let message = match inbound.message().await {
+        // On shutdown, dropping the request stream lets the connection close even
+        // when the client never hangs up.
+        let message = tokio::select! {
+            m = inbound.message() => m,
+            _ = shutdown.wait_for(|&down| down) => return,
+        };
+        let message = match message {
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(e) => {
@@ -380,7 +387,11 @@ impl<S: Store> Mesh for MeshService<S> {
         };
         let subscription = self.store.subscribe(spec(open)?).await.map_err(status)?;
         tracing::debug!(group = %subscription.group, member = %subscription.member_id, "subscribed");
-        tokio::spawn(feedback(inbound, subscription.control()));
+        tokio::spawn(feedback(
+            inbound,
+            subscription.control(),
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(deliveries(
             subscription,
             self.shutdown.clone(),

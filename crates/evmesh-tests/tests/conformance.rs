@@ -47,6 +47,7 @@ suite!(
         start_positions,
         patterns_of_live_group_are_fixed,
         bounded_in_flight,
+        graceful_stop_ends_open_streams,
     ]
 );
 
@@ -768,4 +769,46 @@ async fn bounded_in_flight(backend: Backend) {
     assert_eq!(sub.next().await.sequence, 4);
     let info = group_info(&mut client, "bounded").await;
     assert_eq!(info.pending, 3);
+}
+
+async fn graceful_stop_ends_open_streams(backend: Backend) {
+    let node = TestNode::start(backend).await;
+    let mut client = node.client().await;
+    let mut sub = Sub::open(&mut client, grouped(&["shop.>"], "stopping"))
+        .await
+        .unwrap();
+    // A publish stream that stays open, with events acked on it.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut acks = client
+        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..3 {
+        tx.send(pb::PublishRequest {
+            event: Some(event_with_id("shop.order.placed", &format!("open-{i}"))),
+        })
+        .await
+        .unwrap();
+        ack_of(&acks.message().await.unwrap().unwrap());
+    }
+    let d = sub.next().await;
+    sub.ack(&[d.sequence]).await;
+    eventually("the ack is applied", || {
+        let mut client = client.clone();
+        async move { (group_info(&mut client, "stopping").await.ack_floor == 1).then_some(()) }
+    })
+    .await;
+    // Stopping does not wait for the clients to hang up.
+    let dir = node.stop().await;
+    let ended = tokio::time::timeout(PATIENCE, acks.message())
+        .await
+        .expect("publish stream ends");
+    assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
+    drop(tx);
+    // What was acked is there, and the group kept its ack.
+    let node = TestNode::start_in(backend, dir.as_ref().unwrap().path()).await;
+    let mut client = node.client().await;
+    let info = group_info(&mut client, "stopping").await;
+    assert_eq!((info.ack_floor, info.head_sequence), (1, 3));
 }

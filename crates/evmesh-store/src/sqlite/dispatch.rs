@@ -360,6 +360,10 @@ impl Dispatcher {
                 }
             }
         }
+        // Acks that arrived before the stop count.
+        while let Ok((member, feedback)) = self.feedback.try_recv() {
+            self.on_feedback(member, feedback);
+        }
         if let Err(e) = self.checkpoint(None).await {
             tracing::error!(group = %self.name, error = %e, "final checkpoint");
         }
