@@ -1,0 +1,16 @@
+//! evmesh schemas: what an event schema is (a self-contained descriptor set and the
+//! name of its payload message), how two versions compare, and which semver a new
+//! version needs.
+//!
+//! Pure: no I/O, nothing here can fail on I/O, and the checker returns every change
+//! it finds, not the first. The registry service and the CLI build on it. This crate
+//! has no feature flags.
+#![forbid(unsafe_code)]
+
+mod check;
+mod policy;
+mod schema;
+
+pub use check::{Bump, Change, Verdict, compare};
+pub use policy::{Decision, Outcome, Registered, Violation, decide, declared_bump};
+pub use schema::{Schema, SchemaError};

@@ -1,0 +1,230 @@
+//! The semver policy of the registry: which version a new schema may take.
+//!
+//! Registering version V: its predecessor P is the greatest registered version below
+//! V. The step from P to V must be at least what the checker requires; a MINOR or
+//! PATCH step must also be compatible (no MAJOR change) with every version of its own
+//! major line; and V's successor, when V goes in between, must still be a large
+//! enough step from V. Identical content at an existing version is accepted again;
+//! other content there is a conflict. With no version given, the registry takes the
+//! smallest valid version above the latest (1.0.0 first).
+
+use semver::Version;
+
+use crate::{Bump, Schema, Verdict, compare};
+
+/// A registered version.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered<'a> {
+    pub version: &'a Version,
+    pub schema: &'a Schema,
+}
+
+/// A change that the version cannot carry, against one registered version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: String,
+    pub path: String,
+    pub message: String,
+    pub needs: Bump,
+    /// The registered version the change was found against.
+    pub against: Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Can be registered.
+    Accepted,
+    /// Identical content is already registered at `version`.
+    Existing,
+    /// `version` is registered with other content.
+    Conflict,
+    /// The version is too small for the changes; see `violations`.
+    Rejected,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// The version asked for, or the one assigned.
+    pub version: Version,
+    pub predecessor: Option<Version>,
+    /// Changes against the predecessor.
+    pub verdict: Verdict,
+    pub violations: Vec<Violation>,
+    /// The smallest valid version above the latest: what registering with no
+    /// version would assign.
+    pub suggested: Version,
+}
+
+/// The bump that a step from `from` to `to` declares.
+pub fn declared_bump(from: &Version, to: &Version) -> Bump {
+    if from.major != to.major {
+        Bump::Major
+    } else if from.minor != to.minor {
+        Bump::Minor
+    } else if from != to {
+        Bump::Patch
+    } else {
+        Bump::None
+    }
+}
+
+fn bumped(v: &Version, bump: Bump) -> Version {
+    match bump {
+        Bump::Major => Version::new(v.major + 1, 0, 0),
+        Bump::Minor => Version::new(v.major, v.minor + 1, 0),
+        Bump::Patch | Bump::None => Version::new(v.major, v.minor, v.patch + 1),
+    }
+}
+
+fn empty() -> Verdict {
+    Verdict {
+        needs: Bump::None,
+        changes: Vec::new(),
+    }
+}
+
+fn violations(verdict: &Verdict, allowed: Bump, against: &Version) -> Vec<Violation> {
+    verdict
+        .changes
+        .iter()
+        .filter(|c| c.needs > allowed)
+        .map(|c| Violation {
+            rule: c.rule.to_owned(),
+            path: c.path.clone(),
+            message: c.message.clone(),
+            needs: c.needs,
+            against: against.clone(),
+        })
+        .collect()
+}
+
+/// Breaking changes between `candidate` and the other versions of `major`.
+fn major_line(
+    existing: &[Registered<'_>],
+    candidate: &Schema,
+    version: &Version,
+    skip: Option<&Version>,
+) -> Vec<Violation> {
+    let mut found = Vec::new();
+    for r in existing
+        .iter()
+        .filter(|r| r.version.major == version.major && Some(r.version) != skip)
+    {
+        let verdict = if r.version < version {
+            compare(r.schema, candidate)
+        } else {
+            compare(candidate, r.schema)
+        };
+        found.extend(violations(&verdict, Bump::Minor, r.version));
+    }
+    found
+}
+
+fn suggest(
+    existing: &[Registered<'_>],
+    candidate: &Schema,
+) -> (Version, Option<Version>, Verdict, bool) {
+    let Some(latest) = existing.last() else {
+        return (Version::new(1, 0, 0), None, empty(), false);
+    };
+    if latest.schema == candidate {
+        return (
+            latest.version.clone(),
+            Some(latest.version.clone()),
+            empty(),
+            true,
+        );
+    }
+    let verdict = compare(latest.schema, candidate);
+    let mut needs = verdict.needs;
+    if needs < Bump::Major
+        && !major_line(existing, candidate, latest.version, Some(latest.version)).is_empty()
+    {
+        needs = Bump::Major;
+    }
+    (
+        bumped(latest.version, needs),
+        Some(latest.version.clone()),
+        verdict,
+        false,
+    )
+}
+
+/// Decides whether `candidate` may be registered at `requested` (or which version it
+/// gets when none is requested), given the registered versions.
+pub fn decide(
+    existing: &[Registered<'_>],
+    candidate: &Schema,
+    requested: Option<&Version>,
+) -> Decision {
+    let mut existing = existing.to_vec();
+    existing.sort_by(|a, b| a.version.cmp(b.version));
+    let (suggested, latest, latest_verdict, same_as_latest) = suggest(&existing, candidate);
+    let Some(version) = requested else {
+        return Decision {
+            outcome: if same_as_latest {
+                Outcome::Existing
+            } else {
+                Outcome::Accepted
+            },
+            version: suggested.clone(),
+            predecessor: latest,
+            verdict: latest_verdict,
+            violations: Vec::new(),
+            suggested,
+        };
+    };
+    if let Some(same) = existing.iter().find(|r| r.version == version) {
+        let outcome = if same.schema == candidate {
+            Outcome::Existing
+        } else {
+            Outcome::Conflict
+        };
+        return Decision {
+            outcome,
+            version: version.clone(),
+            predecessor: None,
+            verdict: compare(same.schema, candidate),
+            violations: Vec::new(),
+            suggested,
+        };
+    }
+    let predecessor = existing.iter().rev().find(|r| r.version < version).copied();
+    let successor = existing.iter().find(|r| r.version > version).copied();
+    let mut found = Vec::new();
+    let verdict = match predecessor {
+        Some(p) => {
+            let verdict = compare(p.schema, candidate);
+            let declared = declared_bump(p.version, version);
+            found.extend(violations(&verdict, declared, p.version));
+            if declared < Bump::Major {
+                found.extend(major_line(&existing, candidate, version, Some(p.version)));
+            }
+            verdict
+        }
+        None => empty(),
+    };
+    if let Some(s) = successor {
+        let step = compare(candidate, s.schema);
+        found.extend(violations(
+            &step,
+            declared_bump(version, s.version),
+            s.version,
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|v| seen.insert((v.rule.clone(), v.path.clone(), v.against.clone())));
+    Decision {
+        outcome: if found.is_empty() {
+            Outcome::Accepted
+        } else {
+            Outcome::Rejected
+        },
+        version: version.clone(),
+        predecessor: predecessor.map(|p| p.version.clone()),
+        verdict,
+        violations: found,
+        suggested,
+    }
+}
