@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["evmesh/v1/envelope.proto", "evmesh/v1/mesh.proto"];
+const PROTOS: &[&str] = &[
+    "evmesh/v1/envelope.proto",
+    "evmesh/v1/mesh.proto",
+    "evmesh/v1/registry.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -75,14 +75,15 @@ impl Node {
                 let store = SqliteStore::open(Config::new(&data)).await?;
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let _ = ready_tx.send(listener.local_addr()?);
-                evmesh_node::serve(
-                    store,
-                    evmesh_node::NodeConfig::default(),
-                    listener,
-                    async move {
-                        let _ = stopped.await;
-                    },
-                )
+                // Unregistered types pass unvalidated: the scenarios that measure
+                // validation register their schema first.
+                let config = evmesh_node::NodeConfig {
+                    allow_unregistered: true,
+                    ..evmesh_node::NodeConfig::default()
+                };
+                evmesh_node::serve(store, config, listener, async move {
+                    let _ = stopped.await;
+                })
                 .await?;
                 Ok(())
             })
@@ -118,14 +119,67 @@ impl Node {
     }
 }
 
+/// The schema of every bench payload: `message bench.v1.Payload { bytes data = 1; }`.
+fn payload_schema() -> Vec<u8> {
+    use prost::Message;
+    use prost_types::field_descriptor_proto::{Label, Type};
+    let file = prost_types::FileDescriptorProto {
+        name: Some("bench/v1/payload.proto".into()),
+        package: Some("bench.v1".into()),
+        syntax: Some("proto3".into()),
+        message_type: vec![prost_types::DescriptorProto {
+            name: Some("Payload".into()),
+            field: vec![prost_types::FieldDescriptorProto {
+                name: Some("data".into()),
+                number: Some(1),
+                label: Some(Label::Optional as i32),
+                r#type: Some(Type::Bytes as i32),
+                json_name: Some("data".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    prost_types::FileDescriptorSet { file: vec![file] }.encode_to_vec()
+}
+
+/// Registers the bench payload schema for `ty`.
+async fn register(node: &Node, ty: &str) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(format!("http://{}", node.addr))?
+        .connect()
+        .await?;
+    let mut registry = pb::schema_registry_client::SchemaRegistryClient::new(channel);
+    registry
+        .register_schema(pb::RegisterSchemaRequest {
+            r#type: ty.to_owned(),
+            version: String::new(),
+            message_name: "bench.v1.Payload".into(),
+            descriptor_set: payload_schema(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// An event whose payload is a `bench.v1.Payload` of `payload` bytes in all.
 fn event(ty: &str, payload: usize, headers: Vec<(String, String)>) -> pb::Event {
+    // Field 1, length-delimited: tag, a varint length, the bytes.
+    let data = payload.saturating_sub(3).max(1);
+    let mut value = vec![0x0a];
+    let mut len = data;
+    while len >= 0x80 {
+        value.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    value.push(len as u8);
+    value.resize(value.len() + data, 0xab);
     pb::Event {
         r#type: ty.to_owned(),
         source: "bench".into(),
         headers: headers.into_iter().collect(),
         payload: Some(prost_types::Any {
             type_url: "type.googleapis.com/bench.v1.Payload".into(),
-            value: vec![0xab; payload],
+            value,
         }),
         ..Default::default()
     }
@@ -135,6 +189,7 @@ fn event(ty: &str, payload: usize, headers: Vec<(String, String)>) -> pb::Event 
 /// were acked.
 async fn stream_publisher(
     mut client: MeshClient<Channel>,
+    ty: &'static str,
     n: u64,
     payload: usize,
     window: usize,
@@ -150,7 +205,7 @@ async fn stream_publisher(
                 };
                 permit.forget();
                 let request = pb::PublishRequest {
-                    event: Some(event("bench.order.placed", payload, vec![])),
+                    event: Some(event(ty, payload, vec![])),
                 };
                 if tx.send(request).await.is_err() {
                     return;
@@ -184,13 +239,22 @@ async fn publish_throughput(
     streams: u64,
     events: u64,
     payload: usize,
+    validated: bool,
 ) -> anyhow::Result<Row> {
+    // Registered types are validated; the unregistered one is stored as given.
+    let ty = if validated {
+        "bench.order.placed"
+    } else {
+        "bench.order.unvalidated"
+    };
     let per = events / streams;
     let mut tasks = Vec::new();
     let start = Instant::now();
     for _ in 0..streams {
         let client = node.client().await?;
-        tasks.push(tokio::spawn(stream_publisher(client, per, payload, 4096)));
+        tasks.push(tokio::spawn(stream_publisher(
+            client, ty, per, payload, 4096,
+        )));
     }
     let mut acked = 0;
     for t in tasks {
@@ -199,7 +263,10 @@ async fn publish_throughput(
     let secs = start.elapsed().as_secs_f64();
     let rate = acked as f64 / secs;
     Ok(Row {
-        scenario: format!("durable publish, {streams} stream(s)"),
+        scenario: format!(
+            "durable publish, {streams} stream(s){}",
+            if validated { "" } else { ", no validation" }
+        ),
         figures: vec![
             ("events/s".into(), rate, format!("{rate:.0}")),
             (
@@ -338,8 +405,11 @@ fn main() -> anyhow::Result<()> {
     let rows = runtime.block_on(async {
         let mut rows = Vec::new();
         let run = |name: &str| args.scenarios.iter().any(|s| s == name);
-        for streams in [1, 4, 16].into_iter().filter(|_| run("publish")) {
-            let row = publish_throughput(&node, streams, events, args.payload).await?;
+        register(&node, "bench.order.placed").await?;
+        register(&node, "bench.latency.tick").await?;
+        let publish_runs = [(1, true), (4, true), (16, true), (1, false)];
+        for (streams, validated) in publish_runs.into_iter().filter(|_| run("publish")) {
+            let row = publish_throughput(&node, streams, events, args.payload, validated).await?;
             eprintln!("done: {}", row.scenario);
             rows.push(row);
         }

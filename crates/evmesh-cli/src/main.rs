@@ -58,6 +58,10 @@ pub(crate) struct ServeArgs {
     data: PathBuf,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Store events of types with no registered schema, unvalidated, instead of
+    /// rejecting them (for development). Types with a schema are always validated.
+    #[arg(long)]
+    allow_unregistered: bool,
     /// Largest payload accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_payload_bytes: usize,

@@ -66,6 +66,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_payload_bytes: args.max_payload_bytes,
             ..Limits::default()
         },
+        allow_unregistered: args.allow_unregistered,
         ..NodeConfig::default()
     };
     evmesh_node::serve(store, config, listener, signal()).await?;

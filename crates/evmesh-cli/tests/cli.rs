@@ -19,7 +19,14 @@ impl Served {
     /// `evmesh serve` on an ephemeral port over `data`; waits for its "serving" line.
     fn start(data: &Path) -> Self {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--allow-unregistered",
+            ])
             .env("EVMESH_DATA", data)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())

@@ -10,6 +10,7 @@ use tonic::Status;
 pub(crate) fn status(error: StoreError) -> Status {
     match error {
         StoreError::NotFound(_) => Status::not_found(error.to_string()),
+        StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),
         StoreError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
         StoreError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
         StoreError::ShuttingDown | StoreError::CommitFailed(_) => {

@@ -8,15 +8,22 @@
 
 use std::future::Future;
 
+use std::sync::Arc;
+
 use evmesh_proto::v1::mesh_server::MeshServer;
+use evmesh_proto::v1::schema_registry_server::SchemaRegistryServer;
 use evmesh_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+mod catalog;
 mod convert;
 pub mod envelope;
 mod mesh;
 mod oversize;
+mod reflection;
+mod registry;
+mod validate;
 
 pub use envelope::Limits;
 
@@ -24,6 +31,9 @@ pub use envelope::Limits;
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub limits: Limits,
+    /// Store events of types with no registered schema unvalidated, instead of
+    /// rejecting them. Types with a schema are always validated.
+    pub allow_unregistered: bool,
     /// How long a stopping node waits for clients to close their connections.
     pub shutdown_grace: std::time::Duration,
 }
@@ -32,6 +42,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
+            allow_unregistered: false,
             shutdown_grace: std::time::Duration::from_secs(10),
         }
     }
@@ -39,8 +50,8 @@ impl Default for NodeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the built-in descriptor sets do not decode: {0}")]
+    Descriptors(#[from] prost::DecodeError),
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("stopping the store: {0}")]
@@ -57,10 +68,26 @@ pub async fn serve<S: Store>(
 ) -> Result<(), NodeError> {
     let (down_tx, down_rx) = watch::channel(false);
     let decode_limit = (config.limits.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
+    let catalogs = Arc::new(catalog::Catalogs::new(&[
+        evmesh_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])?);
+    let schemas = registry::load(&store, &catalogs).await?;
+    tracing::info!(schemas, "schemas loaded");
     let mesh = MeshServer::new(mesh::MeshService::new(
         store.clone(),
         config.limits.clone(),
+        catalogs.clone(),
+        config.allow_unregistered,
         down_rx.clone(),
+    ))
+    .max_decoding_message_size(decode_limit)
+    .max_encoding_message_size(decode_limit);
+    let registry = SchemaRegistryServer::new(registry::RegistryService::new(
+        store.clone(),
+        catalogs.clone(),
     ))
     .max_decoding_message_size(decode_limit)
     .max_encoding_message_size(decode_limit);
@@ -69,14 +96,11 @@ pub async fn serve<S: Store>(
     health
         .set_serving::<MeshServer<mesh::MeshService<S>>>()
         .await;
-
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(evmesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    health
+        .set_serving::<SchemaRegistryServer<registry::RegistryService<S>>>()
+        .await;
+    let reflection_v1 = reflection::v1::server(catalogs.clone());
+    let reflection_v1alpha = reflection::v1alpha::server(catalogs);
 
     tokio::spawn(async move {
         shutdown.await;
@@ -94,6 +118,7 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(mesh)
+        .add_service(registry)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = down_server.wait_for(|&d| d).await;
         });

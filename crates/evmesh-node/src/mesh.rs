@@ -13,8 +13,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::catalog::{Catalog, Catalogs};
 use crate::convert::{self, status};
 use crate::envelope::{self, Limits, Rejection};
+use crate::validate;
 
 /// Most events validated and appended as one batch from one publish stream.
 const PUBLISH_BATCH: usize = 1024;
@@ -28,16 +30,43 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub(crate) struct MeshService<S> {
     store: S,
     limits: Arc<Limits>,
+    catalogs: Arc<Catalogs>,
+    allow_unregistered: bool,
     shutdown: watch::Receiver<bool>,
 }
 
 impl<S: Store> MeshService<S> {
-    pub(crate) fn new(store: S, limits: Limits, shutdown: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(
+        store: S,
+        limits: Limits,
+        catalogs: Arc<Catalogs>,
+        allow_unregistered: bool,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             store,
             limits: Arc::new(limits),
+            catalogs,
+            allow_unregistered,
             shutdown,
         }
+    }
+
+    fn clone_handle(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            limits: self.limits.clone(),
+            catalogs: self.catalogs.clone(),
+            allow_unregistered: self.allow_unregistered,
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// The envelope checks, then the payload against its registered schema.
+    fn accept(&self, catalog: &Catalog, event: Option<pb::Event>) -> Result<pb::Event, Rejection> {
+        let mut event = envelope::accept(event, &self.limits)?;
+        validate::payload(catalog, &mut event, self.allow_unregistered)?;
+        Ok(event)
     }
 }
 
@@ -77,8 +106,9 @@ impl<S: Store> MeshService<S> {
     fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
         let mut slots = Vec::with_capacity(requests.len());
         let mut events = Vec::with_capacity(requests.len());
+        let catalog = self.catalogs.load();
         for request in requests {
-            match envelope::accept(request.event, &self.limits) {
+            match self.accept(&catalog, request.event) {
                 Ok(event) => {
                     slots.push(Slot::Appended(
                         events.len(),
@@ -304,11 +334,7 @@ impl<S: Store> Mesh for MeshService<S> {
         let (batches_tx, batches_rx) = mpsc::channel(PUBLISH_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(PUBLISH_BATCH);
         tokio::spawn(respond(batches_rx, out_tx.clone()));
-        let this = Self {
-            store: self.store.clone(),
-            limits: self.limits.clone(),
-            shutdown: self.shutdown.clone(),
-        };
+        let this = self.clone_handle();
         tokio::spawn(async move {
             let mut shutdown = this.shutdown.clone();
             loop {
@@ -354,7 +380,8 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let event = envelope::accept(request.into_inner().event, &self.limits)
+        let event = self
+            .accept(&self.catalogs.load(), request.into_inner().event)
             .map_err(|r| r.to_status())?;
         let (id, correlation) = (event.id.clone(), event.correlation_id.clone());
         let appended = self.store.append(vec![event]).await.map_err(status)?;

@@ -117,8 +117,22 @@ pub struct DeadLetter {
     pub dead_at: SystemTime,
 }
 
+/// One registered version of an event type's payload schema, as stored. The
+/// registry decides what may be stored; the store only keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaRecord {
+    pub event_type: String,
+    pub version: semver::Version,
+    pub message_name: String,
+    /// Normalised, encoded FileDescriptorSet.
+    pub descriptor_set: Vec<u8>,
+    pub registered_at: SystemTime,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("{0} already exists")]
+    AlreadyExists(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -187,6 +201,12 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Deletes dead letters (all when `sequences` is empty).
     fn purge(&self, group: &str, sequences: &[u64]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Stores a schema version durably; AlreadyExists when that version is taken.
+    fn put_schema(&self, record: SchemaRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every stored schema version, in no particular order.
+    fn schemas(&self) -> impl Future<Output = Result<Vec<SchemaRecord>>> + Send;
 
     /// Finishes what is in flight, persists group state and stops.
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send;

@@ -36,6 +36,7 @@ pub enum Backend {
 pub struct TestNode {
     pub addr: SocketAddr,
     pub backend: Backend,
+    config: evmesh_node::NodeConfig,
     data: PathBuf,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
@@ -43,16 +44,38 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// A node over a fresh temporary directory.
+    /// A node over a fresh temporary directory that takes events of types with no
+    /// registered schema, as the storage tests publish opaque payloads.
     pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, Self::lenient()).await
+    }
+
+    /// A node with `config` over a fresh temporary directory.
+    pub async fn start_with(backend: Backend, config: evmesh_node::NodeConfig) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut node = Self::start_in(backend, dir.path()).await;
+        let mut node = Self::start_in_with(backend, dir.path(), config).await;
         node._dir = Some(dir);
         node
     }
 
-    /// A node over `data`, which outlives it.
+    fn lenient() -> evmesh_node::NodeConfig {
+        evmesh_node::NodeConfig {
+            allow_unregistered: true,
+            ..evmesh_node::NodeConfig::default()
+        }
+    }
+
+    /// A lenient node over `data`, which outlives it.
     pub async fn start_in(backend: Backend, data: &Path) -> Self {
+        Self::start_in_with(backend, data, Self::lenient()).await
+    }
+
+    /// A node with `config` over `data`, which outlives it.
+    pub async fn start_in_with(
+        backend: Backend,
+        data: &Path,
+        config: evmesh_node::NodeConfig,
+    ) -> Self {
         let store = match backend {
             Backend::Sqlite => SqliteStore::open(Config::new(data))
                 .await
@@ -63,21 +86,18 @@ impl TestNode {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
+        let config_copy = config.clone();
         let task = tokio::spawn(async move {
-            evmesh_node::serve(
-                store,
-                evmesh_node::NodeConfig::default(),
-                listener,
-                async move {
-                    let _ = stopped.await;
-                },
-            )
+            evmesh_node::serve(store, config, listener, async move {
+                let _ = stopped.await;
+            })
             .await
             .expect("node failed");
         });
         Self {
             addr,
             backend,
+            config: config_copy,
             data: data.to_owned(),
             _dir: None,
             stop: Some(stop),
@@ -114,9 +134,10 @@ impl TestNode {
     /// Stops gracefully and starts again over the same data.
     pub async fn restart(self) -> Self {
         let backend = self.backend;
+        let config = self.config.clone();
         let data = self.data.clone();
         let dir = self.stop().await;
-        let mut node = Self::start_in(backend, &data).await;
+        let mut node = Self::start_in_with(backend, &data, config).await;
         node._dir = dir;
         node
     }
@@ -339,4 +360,58 @@ pub fn require_tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| {
             panic!("{name} is not on PATH: run the test command from the README, which installs it")
         })
+}
+
+/// Compiles .proto sources (name, text) with protox into an encoded
+/// FileDescriptorSet, imports included.
+pub fn descriptor_set(files: &[(&str, &str)]) -> Vec<u8> {
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, source) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(path, source).expect("write proto");
+    }
+    let names: Vec<&str> = files.iter().map(|f| f.0).collect();
+    protox::compile(&names, [dir.path()])
+        .unwrap_or_else(|e| panic!("{e}"))
+        .encode_to_vec()
+}
+
+/// `shop/v1/order.proto` with `message OrderPlaced { <body> }` in package shop.v1.
+pub fn order_schema(body: &str) -> Vec<u8> {
+    descriptor_set(&[(
+        "shop/v1/order.proto",
+        &format!("syntax = \"proto3\";\npackage shop.v1;\nmessage OrderPlaced {{ {body} }}\n"),
+    )])
+}
+
+/// A registry client on the node.
+pub async fn registry(
+    node: &TestNode,
+) -> pb::schema_registry_client::SchemaRegistryClient<Channel> {
+    pb::schema_registry_client::SchemaRegistryClient::connect(node.url())
+        .await
+        .expect("connect")
+}
+
+/// Registers `descriptor_set` for `ty` with payload `message`, at `version` (or
+/// assigned when empty).
+pub async fn register(
+    node: &TestNode,
+    ty: &str,
+    version: &str,
+    message: &str,
+    descriptor_set: Vec<u8>,
+) -> Result<pb::RegisterSchemaResponse, tonic::Status> {
+    registry(node)
+        .await
+        .register_schema(pb::RegisterSchemaRequest {
+            r#type: ty.into(),
+            version: version.into(),
+            message_name: message.into(),
+            descriptor_set,
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }

@@ -140,3 +140,51 @@ async fn publish_and_subscribe_with_json() {
     assert_eq!(event["payload"]["value"], "1.500s");
     assert_eq!(messages.len(), 2, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_payloads_of_registered_types() {
+    let node = TestNode::start_with(Backend::Sqlite, evmesh_node::NodeConfig::default()).await;
+    let (ok, _, _) = grpcurl(&node, &[], &["describe", "shop.v1.OrderPlaced"]);
+    assert!(!ok, "not known before it is registered");
+    register(
+        &node,
+        "shop.order.placed",
+        "",
+        "shop.v1.OrderPlaced",
+        order_schema("string order_id = 1; int64 total_cents = 2;"),
+    )
+    .await
+    .unwrap();
+    // Reflection serves it at once.
+    let (ok, out, err) = grpcurl(&node, &[], &["describe", "shop.v1.OrderPlaced"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("string order_id = 1;"), "{out}");
+
+    let publish = r#"{"event": {"type": "shop.order.placed",
+        "payload": {"@type": "type.googleapis.com/shop.v1.OrderPlaced", "orderId": "o-1", "totalCents": "500"}}}"#;
+    let (ok, out, err) = grpcurl(&node, &["-d", publish], &["evmesh.v1.Mesh/PublishEvent"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_stream(&out)[0]["ack"]["sequence"], "1");
+    // A field the schema does not have is refused by grpcurl itself, from the
+    // reflected descriptor.
+    let wrong = r#"{"event": {"type": "shop.order.placed",
+        "payload": {"@type": "type.googleapis.com/shop.v1.OrderPlaced", "orderNumber": "o-1"}}}"#;
+    let (ok, _, err) = grpcurl(&node, &["-d", wrong], &["evmesh.v1.Mesh/PublishEvent"]);
+    assert!(!ok, "{err}");
+
+    let open = r#"{"open": {"patterns": ["shop.>"], "start": {"earliest": {}}, "autoAck": true}}"#;
+    let (_, out, _) = grpcurl(
+        &node,
+        &["-max-time", "2", "-d", open],
+        &["evmesh.v1.Mesh/Subscribe"],
+    );
+    let messages = json_stream(&out);
+    let event = &messages[1]["delivery"]["event"];
+    assert_eq!(event["schemaVersion"], "1.0.0", "{out}");
+    assert_eq!(
+        event["payload"]["@type"],
+        "type.googleapis.com/shop.v1.OrderPlaced"
+    );
+    assert_eq!(event["payload"]["orderId"], "o-1");
+    assert_eq!(event["payload"]["totalCents"], "500");
+}

@@ -4,11 +4,18 @@ use std::borrow::Cow;
 
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "log",
-    include_str!("../../../../migrations/node/0001_log.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "log",
+        include_str!("../../../../migrations/node/0001_log.sql"),
+    ),
+    (
+        2,
+        "schemas",
+        include_str!("../../../../migrations/node/0002_schemas.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Embedded;

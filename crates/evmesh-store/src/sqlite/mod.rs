@@ -23,8 +23,8 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::{
-    Appended, DeadLetter, GroupInfo, Result, StartPosition, Store, StoreError, StoredEvent,
-    Subscription, SubscriptionSpec,
+    Appended, DeadLetter, GroupInfo, Result, SchemaRecord, StartPosition, Store, StoreError,
+    StoredEvent, Subscription, SubscriptionSpec,
 };
 
 mod dispatch;
@@ -460,6 +460,36 @@ impl Store for SqliteStore {
         let sequences = sequences.to_vec();
         self.ask(group, |reply| Command::Purge { sequences, reply })
             .await
+    }
+
+    async fn put_schema(&self, record: SchemaRecord) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        self.log.write(WriteOp::PutSchema { record, reply }).await?;
+        done.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
+        let rows = sqlx::query(
+            "SELECT event_type, version, message_name, descriptor_set, registered_at FROM schemas",
+        )
+        .fetch_all(&self.log.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let version: &str = row.get(1);
+                Ok(SchemaRecord {
+                    event_type: row.get(0),
+                    version: semver::Version::parse(version).map_err(|e| {
+                        StoreError::InvalidArgument(format!(
+                            "stored schema version {version:?}: {e}"
+                        ))
+                    })?,
+                    message_name: row.get(2),
+                    descriptor_set: row.get(3),
+                    registered_at: from_unix_ms(row.get(4)),
+                })
+            })
+            .collect()
     }
 
     async fn shutdown(&self) -> Result<()> {

@@ -42,6 +42,10 @@ pub(crate) enum WriteOp {
         sequences: Vec<u64>,
         reply: oneshot::Sender<Result<u64>>,
     },
+    PutSchema {
+        record: crate::SchemaRecord,
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// Commit what came before, then stop.
     Stop {
         reply: oneshot::Sender<()>,
@@ -245,6 +249,30 @@ async fn apply(
         } => {
             let purged = take_dead_letters(tx, &group, &sequences).await?;
             Outcome::Count(reply, purged.len() as u64)
+        }
+        WriteOp::PutSchema { record, reply } => {
+            let inserted = sqlx::query(
+                "INSERT INTO schemas (event_type, version, message_name, descriptor_set, registered_at)
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(&record.event_type)
+            .bind(record.version.to_string())
+            .bind(&record.message_name)
+            .bind(&record.descriptor_set)
+            .bind(unix_ms(record.registered_at))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                // Not a failure of the batch: only this op is refused.
+                let _ = reply.send(Err(StoreError::AlreadyExists(format!(
+                    "schema {} {}",
+                    record.event_type, record.version
+                ))));
+                Outcome::Done(None)
+            } else {
+                Outcome::Done(Some(reply))
+            }
         }
         WriteOp::Stop { reply } => Outcome::Stop(reply),
     })

@@ -1,0 +1,343 @@
+//! The `evmesh.v1.SchemaRegistry` service: applies the semver policy of
+//! evmesh-schema, stores versions through the store, and installs them in the
+//! catalog that publish validation and reflection read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use evmesh_proto::v1 as pb;
+use evmesh_proto::v1::schema_registry_server::SchemaRegistry;
+use evmesh_schema::{Bump, Decision, Outcome, Registered, Schema, decide, declared_bump};
+use evmesh_store::{SchemaRecord, Store};
+use semver::Version;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use crate::catalog::{Catalogs, Entry};
+use crate::convert::status;
+
+pub(crate) struct RegistryService<S> {
+    store: S,
+    catalogs: Arc<Catalogs>,
+    /// Registrations are decided and stored one at a time.
+    writing: Mutex<()>,
+}
+
+/// Loads every stored schema into the catalog; a stored schema that no longer
+/// compiles is skipped with an error in the log, never a failed start.
+pub(crate) async fn load<S: Store>(
+    store: &S,
+    catalogs: &Catalogs,
+) -> Result<usize, evmesh_store::StoreError> {
+    let mut types: BTreeMap<String, BTreeMap<Version, Arc<Entry>>> = BTreeMap::new();
+    let mut loaded = 0;
+    for record in store.schemas().await? {
+        match Schema::new(&record.descriptor_set, &record.message_name) {
+            Ok(schema) => {
+                loaded += 1;
+                types.entry(record.event_type).or_default().insert(
+                    record.version,
+                    Arc::new(Entry {
+                        schema,
+                        registered_at: record.registered_at,
+                    }),
+                );
+            }
+            Err(e) => {
+                tracing::error!(event_type = %record.event_type, version = %record.version, error = %e, "stored schema skipped")
+            }
+        }
+    }
+    catalogs.replace(types);
+    Ok(loaded)
+}
+
+fn bump(b: Bump) -> pb::Bump {
+    match b {
+        Bump::None => pb::Bump::None,
+        Bump::Patch => pb::Bump::Patch,
+        Bump::Minor => pb::Bump::Minor,
+        Bump::Major => pb::Bump::Major,
+    }
+}
+
+struct Candidate {
+    event_type: String,
+    version: Option<Version>,
+    schema: Schema,
+}
+
+fn candidate(request: pb::RegisterSchemaRequest) -> Result<Candidate, Status> {
+    evmesh_store::validate_event_type(&request.r#type)
+        .map_err(|e| Status::invalid_argument(format!("type {:?} {e}", request.r#type)))?;
+    let version = if request.version.is_empty() {
+        None
+    } else {
+        Some(Version::parse(&request.version).map_err(|e| {
+            Status::invalid_argument(format!("version {:?} is not semver: {e}", request.version))
+        })?)
+    };
+    if request.message_name.is_empty() {
+        return Err(Status::invalid_argument(
+            "message_name is required, e.g. shop.v1.OrderPlaced",
+        ));
+    }
+    if request.descriptor_set.is_empty() {
+        return Err(Status::invalid_argument(
+            "descriptor_set is required: an encoded FileDescriptorSet",
+        ));
+    }
+    let schema = Schema::new(&request.descriptor_set, &request.message_name)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Candidate {
+        event_type: request.r#type,
+        version,
+        schema,
+    })
+}
+
+fn schema_message(
+    event_type: &str,
+    version: &Version,
+    entry: &Entry,
+    with_descriptors: bool,
+) -> pb::Schema {
+    pb::Schema {
+        r#type: event_type.to_owned(),
+        version: version.to_string(),
+        message_name: entry.schema.message_name().to_owned(),
+        descriptor_set: if with_descriptors {
+            entry.schema.encoded().to_vec()
+        } else {
+            Vec::new()
+        },
+        registered_at: Some(entry.registered_at.into()),
+    }
+}
+
+fn changes(decision: &Decision) -> Vec<pb::SchemaChange> {
+    decision
+        .verdict
+        .changes
+        .iter()
+        .map(|c| pb::SchemaChange {
+            rule: c.rule.to_owned(),
+            path: c.path.clone(),
+            message: c.message.clone(),
+            needs: bump(c.needs) as i32,
+        })
+        .collect()
+}
+
+/// One line per violation, for a status message.
+fn explain(event_type: &str, d: &Decision) -> String {
+    let lines: Vec<String> = d
+        .violations
+        .iter()
+        .map(|v| {
+            format!(
+                "{} {}: {} (needs {} against {})",
+                v.rule, v.path, v.message, v.needs, v.against
+            )
+        })
+        .collect();
+    format!(
+        "version {} of {event_type} is too small for its changes; the smallest valid version is {}: {}",
+        d.version,
+        d.suggested,
+        lines.join("; ")
+    )
+}
+
+impl<S: Store> RegistryService<S> {
+    pub(crate) fn new(store: S, catalogs: Arc<Catalogs>) -> Self {
+        Self {
+            store,
+            catalogs,
+            writing: Mutex::new(()),
+        }
+    }
+
+    fn decide(&self, c: &Candidate) -> Decision {
+        let catalog = self.catalogs.load();
+        let existing: Vec<Registered<'_>> = catalog
+            .types
+            .get(&c.event_type)
+            .map(|versions| {
+                versions
+                    .iter()
+                    .map(|(version, entry)| Registered {
+                        version,
+                        schema: &entry.schema,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        decide(&existing, &c.schema, c.version.as_ref())
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> SchemaRegistry for RegistryService<S> {
+    async fn register_schema(
+        &self,
+        request: Request<pb::RegisterSchemaRequest>,
+    ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
+        let c = candidate(request.into_inner())?;
+        let _writing = self.writing.lock().await;
+        let decision = self.decide(&c);
+        match decision.outcome {
+            Outcome::Existing => {
+                let catalog = self.catalogs.load();
+                let (version, entry) = catalog
+                    .resolve(&c.event_type, Some(&decision.version))
+                    .ok_or_else(|| Status::internal("a registered version vanished"))?;
+                Ok(Response::new(pb::RegisterSchemaResponse {
+                    schema: Some(schema_message(&c.event_type, version, entry, true)),
+                    created: false,
+                    changes: Vec::new(),
+                }))
+            }
+            Outcome::Conflict => Err(Status::already_exists(format!(
+                "version {} of {} is registered with other content; the smallest valid version for this content is {}",
+                decision.version, c.event_type, decision.suggested
+            ))),
+            Outcome::Rejected => Err(Status::failed_precondition(explain(
+                &c.event_type,
+                &decision,
+            ))),
+            Outcome::Accepted => {
+                let registered_at = SystemTime::now();
+                self.store
+                    .put_schema(SchemaRecord {
+                        event_type: c.event_type.clone(),
+                        version: decision.version.clone(),
+                        message_name: c.schema.message_name().to_owned(),
+                        descriptor_set: c.schema.encoded().to_vec(),
+                        registered_at,
+                    })
+                    .await
+                    .map_err(status)?;
+                let entry = Entry {
+                    schema: c.schema,
+                    registered_at,
+                };
+                let schema = schema_message(&c.event_type, &decision.version, &entry, true);
+                self.catalogs.replace(self.catalogs.with(
+                    &c.event_type,
+                    decision.version.clone(),
+                    entry,
+                ));
+                tracing::info!(event_type = %c.event_type, version = %decision.version, "schema registered");
+                Ok(Response::new(pb::RegisterSchemaResponse {
+                    schema: Some(schema),
+                    created: true,
+                    changes: changes(&decision),
+                }))
+            }
+        }
+    }
+
+    async fn check_schema(
+        &self,
+        request: Request<pb::RegisterSchemaRequest>,
+    ) -> Result<Response<pb::CheckSchemaResponse>, Status> {
+        let c = candidate(request.into_inner())?;
+        let d = self.decide(&c);
+        let declared = d
+            .predecessor
+            .as_ref()
+            .map_or(Bump::None, |p| declared_bump(p, &d.version));
+        Ok(Response::new(pb::CheckSchemaResponse {
+            compatible: matches!(d.outcome, Outcome::Accepted | Outcome::Existing),
+            version: d.version.to_string(),
+            suggested_version: d.suggested.to_string(),
+            predecessor: d
+                .predecessor
+                .as_ref()
+                .map(Version::to_string)
+                .unwrap_or_default(),
+            required_bump: bump(d.verdict.needs) as i32,
+            declared_bump: bump(declared) as i32,
+            changes: changes(&d),
+            violations: d
+                .violations
+                .iter()
+                .map(|v| pb::SchemaViolation {
+                    rule: v.rule.clone(),
+                    path: v.path.clone(),
+                    message: v.message.clone(),
+                    needs: bump(v.needs) as i32,
+                    against_version: v.against.to_string(),
+                })
+                .collect(),
+            already_registered: d.outcome == Outcome::Existing,
+            conflict: d.outcome == Outcome::Conflict,
+        }))
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<pb::GetSchemaRequest>,
+    ) -> Result<Response<pb::Schema>, Status> {
+        let request = request.into_inner();
+        if request.r#type.is_empty() {
+            return Err(Status::invalid_argument("type is required"));
+        }
+        let version = if request.version.is_empty() {
+            None
+        } else {
+            Some(Version::parse(&request.version).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "version {:?} is not semver: {e}",
+                    request.version
+                ))
+            })?)
+        };
+        let catalog = self.catalogs.load();
+        let (version, entry) = catalog
+            .resolve(&request.r#type, version.as_ref())
+            .ok_or_else(|| match catalog.types.get(&request.r#type) {
+                None => Status::not_found(format!(
+                    "no schema is registered for type {:?}",
+                    request.r#type
+                )),
+                Some(versions) => Status::not_found(format!(
+                    "version {} of {} is not registered; registered: {}",
+                    request.version,
+                    request.r#type,
+                    versions
+                        .keys()
+                        .map(Version::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            })?;
+        Ok(Response::new(schema_message(
+            &request.r#type,
+            version,
+            entry,
+            true,
+        )))
+    }
+
+    async fn list_schemas(
+        &self,
+        request: Request<pb::ListSchemasRequest>,
+    ) -> Result<Response<pb::ListSchemasResponse>, Status> {
+        let request = request.into_inner();
+        let catalog = self.catalogs.load();
+        let schemas = catalog
+            .types
+            .iter()
+            .filter(|(ty, _)| request.r#type.is_empty() || **ty == request.r#type)
+            .flat_map(|(ty, versions)| {
+                versions
+                    .iter()
+                    .map(move |(v, e)| schema_message(ty, v, e, false))
+            })
+            .collect();
+        Ok(Response::new(pb::ListSchemasResponse { schemas }))
+    }
+}
