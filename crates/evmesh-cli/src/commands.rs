@@ -11,13 +11,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::output;
+use crate::schema::Payloads;
 
 /// One line for a failed call: the status code and the node's message.
-fn rpc(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
 }
 
 async fn connect(server: &str) -> anyhow::Result<MeshClient<Channel>> {
+    Ok(MeshClient::new(channel(server).await?).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A channel to the node named by --server.
+pub(crate) async fn channel(server: &str) -> anyhow::Result<Channel> {
     let url = if server.contains("://") {
         server.to_owned()
     } else {
@@ -30,7 +36,7 @@ async fn connect(server: &str) -> anyhow::Result<MeshClient<Channel>> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
-    Ok(MeshClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(channel)
 }
 
 /// A start position from the command line: earliest, latest, a sequence or an
@@ -64,12 +70,17 @@ pub(crate) struct PublishArgs {
     /// Event type, e.g. shop.order.placed.
     #[arg(long = "type")]
     ty: String,
-    /// Fully qualified payload message name, e.g. shop.v1.OrderPlaced.
-    #[arg(long)]
-    message: String,
+    /// The payload as JSON, encoded through the type's registered schema (the
+    /// --schema-version given, or the latest).
+    #[arg(long, conflicts_with_all = ["message", "payload_file"])]
+    json: Option<String>,
+    /// Fully qualified payload message name, e.g. shop.v1.OrderPlaced; with
+    /// --payload-file, instead of --json.
+    #[arg(long, required_unless_present = "json", requires = "payload_file")]
+    message: Option<String>,
     /// File holding the payload's encoded protobuf bytes; - for standard input.
-    #[arg(long)]
-    payload_file: PathBuf,
+    #[arg(long, required_unless_present = "json", requires = "message")]
+    payload_file: Option<PathBuf>,
     /// Event id; the node assigns a UUIDv7 when left out.
     #[arg(long)]
     id: Option<String>,
@@ -89,15 +100,22 @@ pub(crate) struct PublishArgs {
 }
 
 pub(crate) async fn publish(server: &str, args: PublishArgs) -> anyhow::Result<()> {
-    let value = if args.payload_file.as_os_str() == "-" {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
-            .context("cannot read the payload from standard input")?;
-        buf
-    } else {
-        std::fs::read(&args.payload_file).with_context(|| {
-            format!("cannot read --payload-file {}", args.payload_file.display())
-        })?
+    let payload = match (&args.json, &args.message, &args.payload_file) {
+        (Some(json), _, _) => {
+            let mut payloads = Payloads::connect(server).await?;
+            payloads
+                .encode_json(
+                    &args.ty,
+                    args.schema_version.as_deref().unwrap_or_default(),
+                    json,
+                )
+                .await?
+        }
+        (None, Some(message), Some(file)) => prost_types::Any {
+            type_url: format!("type.googleapis.com/{message}"),
+            value: read_payload(file)?,
+        },
+        _ => bail!("give --json, or --message with --payload-file"),
     };
     let mut headers = std::collections::HashMap::new();
     for h in &args.headers {
@@ -116,10 +134,7 @@ pub(crate) async fn publish(server: &str, args: PublishArgs) -> anyhow::Result<(
         correlation_id: args.correlation_id.unwrap_or_default(),
         causation_id: args.causation_id.unwrap_or_default(),
         headers,
-        payload: Some(prost_types::Any {
-            type_url: format!("type.googleapis.com/{}", args.message),
-            value,
-        }),
+        payload: Some(payload),
     };
     let mut client = connect(server).await?;
     let response = client
@@ -138,6 +153,18 @@ pub(crate) async fn publish(server: &str, args: PublishArgs) -> anyhow::Result<(
         None => bail!("the node sent an empty response"),
     }
     Ok(())
+}
+
+fn read_payload(file: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    if file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .context("cannot read the payload from standard input")?;
+        Ok(buf)
+    } else {
+        std::fs::read(file)
+            .with_context(|| format!("cannot read --payload-file {}", file.display()))
+    }
 }
 
 #[derive(clap::Args)]
@@ -189,12 +216,19 @@ pub(crate) async fn subscribe(server: &str, args: SubscribeArgs) -> anyhow::Resu
     if args.count == Some(0) {
         return Ok(());
     }
+    let mut payloads = Payloads::connect(server).await?;
     while let Some(message) = stream.message().await.map_err(rpc)? {
         let Some(S::Delivery(d)) = message.response else {
             continue;
         };
         let Some(event) = &d.event else { continue };
-        print_json(&output::event_json(d.sequence, Some(d.attempt), event));
+        let payload = payloads.decode_json(event).await?;
+        print_json(&output::event_json(
+            d.sequence,
+            Some(d.attempt),
+            event,
+            payload,
+        ));
         if !auto_ack {
             tx.send(pb::SubscribeRequest {
                 request: Some(R::Ack(pb::Ack {
@@ -238,9 +272,11 @@ pub(crate) async fn chain(server: &str, args: ChainArgs) -> anyhow::Result<()> {
         bail!("no events with correlation id {:?}", args.correlation_id);
     }
     if args.output == "json" {
+        let mut payloads = Payloads::connect(server).await?;
         for c in &events {
             if let Some(e) = &c.event {
-                print_json(&output::event_json(c.sequence, None, e));
+                let payload = payloads.decode_json(e).await?;
+                print_json(&output::event_json(c.sequence, None, e, payload));
             }
         }
     } else {
@@ -368,10 +404,15 @@ pub(crate) async fn dlq(server: &str, command: DlqCommand) -> anyhow::Result<()>
                 .into_inner()
                 .dead_letters;
             if format == "json" {
+                let mut payloads = Payloads::connect(server).await?;
                 for d in &letters {
-                    let mut v = d.event.as_ref().map_or(serde_json::json!({}), |e| {
-                        output::event_json(d.sequence, None, e)
-                    });
+                    let mut v = match &d.event {
+                        Some(e) => {
+                            let payload = payloads.decode_json(e).await?;
+                            output::event_json(d.sequence, None, e, payload)
+                        }
+                        None => serde_json::json!({}),
+                    };
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("attempts".into(), d.attempts.into());
                         obj.insert("reason".into(), d.reason.clone().into());

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
 mod output;
+mod schema;
 mod serve;
 
 #[derive(Parser)]
@@ -46,6 +47,9 @@ enum Command {
     /// Dead letters of a group.
     #[command(subcommand)]
     Dlq(commands::DlqCommand),
+    /// Payload schemas: register, check, list, show.
+    #[command(subcommand)]
+    Schema(schema::SchemaCommand),
 }
 
 #[derive(clap::Args)]
@@ -74,7 +78,21 @@ pub(crate) enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first, without the usage block that follows it.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("evmesh: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -93,6 +111,7 @@ fn main() -> ExitCode {
             Command::Chain(args) => commands::chain(&cli.server, args).await,
             Command::Groups(cmd) => commands::groups(&cli.server, cmd).await,
             Command::Dlq(cmd) => commands::dlq(&cli.server, cmd).await,
+            Command::Schema(cmd) => schema::run(&cli.server, cmd).await,
         }
     });
     match result {

@@ -15,8 +15,14 @@ pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> Value {
         })
 }
 
-/// The envelope as JSON, with the payload's bytes in base64.
-pub(crate) fn event_json(sequence: u64, attempt: Option<u32>, e: &pb::Event) -> Value {
+/// The envelope as JSON. The payload is `payload` (its JSON through the registered
+/// schema) when given, else its type and bytes in base64.
+pub(crate) fn event_json(
+    sequence: u64,
+    attempt: Option<u32>,
+    e: &pb::Event,
+    payload: Option<Value>,
+) -> Value {
     let mut v = json!({
         "sequence": sequence,
         "id": e.id,
@@ -28,10 +34,10 @@ pub(crate) fn event_json(sequence: u64, attempt: Option<u32>, e: &pb::Event) -> 
         "correlation_id": e.correlation_id,
         "causation_id": e.causation_id,
         "headers": e.headers,
-        "payload": e.payload.as_ref().map(|p| json!({
+        "payload": payload.or_else(|| e.payload.as_ref().map(|p| json!({
             "@type": p.type_url,
             "value_base64": base64::engine::general_purpose::STANDARD.encode(&p.value),
-        })),
+        }))),
     });
     if let (Some(attempt), Some(obj)) = (attempt, v.as_object_mut()) {
         obj.insert("attempt".into(), json!(attempt));

@@ -16,17 +16,17 @@ struct Served {
 }
 
 impl Served {
-    /// `evmesh serve` on an ephemeral port over `data`; waits for its "serving" line.
+    /// A lenient `evmesh serve` (`--allow-unregistered`): the storage tests publish
+    /// opaque payloads.
     fn start(data: &Path) -> Self {
+        Self::start_with(data, &["--allow-unregistered"])
+    }
+
+    /// `evmesh serve` on an ephemeral port over `data`; waits for its "serving" line.
+    fn start_with(data: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--allow-unregistered",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra)
             .env("EVMESH_DATA", data)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -377,4 +377,190 @@ fn nothing_acked_is_lost_on_sigkill() {
         }
     });
     drop(node);
+}
+
+#[test]
+fn schema_register_check_list_show_and_json_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let protos = dir.path().join("protos");
+    std::fs::create_dir_all(protos.join("shop/v1")).unwrap();
+    std::fs::write(
+        protos.join("shop/v1/money.proto"),
+        "syntax = \"proto3\";\npackage shop.v1;\nmessage Money { int64 cents = 1; string currency = 2; }\n",
+    )
+    .unwrap();
+    let order = |extra: &str| {
+        std::fs::write(
+            protos.join("shop/v1/order.proto"),
+            format!(
+                "syntax = \"proto3\";\npackage shop.v1;\nimport \"shop/v1/money.proto\";\n\
+                 message OrderPlaced {{ string order_id = 1; Money total = 2; {extra} }}\n"
+            ),
+        )
+        .unwrap();
+    };
+    order("");
+    let node = Served::start_with(&dir.path().join("data"), &[]);
+    let include = protos.to_str().unwrap();
+    let schema = |verb: &str, more: &[&str]| -> Output {
+        let mut args = vec![
+            "schema",
+            verb,
+            "shop/v1/order.proto",
+            "-I",
+            include,
+            "--type",
+            "shop.order.placed",
+            "--message",
+            "shop.v1.OrderPlaced",
+        ];
+        args.extend_from_slice(more);
+        node.run(&args)
+    };
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+
+    let out = schema("register", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout(&out).trim(),
+        "registered shop.order.placed 1.0.0 (shop.v1.OrderPlaced)"
+    );
+    let out = schema("register", &[]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "already registered shop.order.placed 1.0.0 (shop.v1.OrderPlaced)"
+    );
+
+    order("string note = 3;");
+    let out = schema("check", &["--version", "1.0.1"]);
+    let table = stdout(&out);
+    assert!(
+        table.contains("FIELD_ADDED")
+            && table.contains("shop.v1.OrderPlaced.note")
+            && table.contains("MINOR"),
+        "{table}"
+    );
+    one_line_error(&out, "use 1.1.0");
+    let out = schema("check", &["--output", "json"]);
+    assert!(out.status.success());
+    let verdict: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(verdict["version"], "1.1.0");
+    assert_eq!(verdict["required_bump"], "MINOR");
+    assert_eq!(verdict["changes"][0]["rule"], "FIELD_ADDED");
+    let out = schema("register", &["--output", "json"]);
+    let registered: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (
+            registered["version"].as_str(),
+            registered["created"].as_bool()
+        ),
+        (Some("1.1.0"), Some(true))
+    );
+    // A version too small is refused by register too, with one line.
+    order("string note = 3; string coupon = 4;");
+    one_line_error(
+        &schema("register", &["--version", "1.1.1"]),
+        "FIELD_ADDED shop.v1.OrderPlaced.coupon",
+    );
+    one_line_error(
+        &node.run(&[
+            "schema",
+            "register",
+            "shop/v1/order.proto",
+            "-I",
+            include,
+            "--type",
+            "shop.order.placed",
+            "--message",
+            "shop.v1.Nope",
+        ]),
+        "shop.v1.Nope",
+    );
+    // Usage errors are one line too.
+    one_line_error(
+        &schema("register", &["--message", "shop.v1.Twice"]),
+        "--message",
+    );
+
+    let listed = node.ok(&["schema", "list", "--output", "json"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    let shown = node.ok(&["schema", "show", "shop.order.placed"]);
+    assert!(
+        shown.starts_with("shop.order.placed 1.1.0 (shop.v1.OrderPlaced)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  shop.v1.Money total = 2;") && shown.contains("message shop.v1.Money {"),
+        "{shown}"
+    );
+    let shown = node.ok(&["schema", "show", "shop.order.placed", "--version", "1.0.0"]);
+    assert!(!shown.contains("note"), "{shown}");
+
+    // JSON payloads in, JSON payloads out.
+    let ack = node.ok(&[
+        "publish",
+        "--type",
+        "shop.order.placed",
+        "--json",
+        r#"{"orderId": "o-1", "total": {"cents": "500", "currency": "EUR"}, "note": "gift"}"#,
+    ]);
+    let ack: serde_json::Value = serde_json::from_str(&ack).unwrap();
+    assert_eq!(ack["sequence"], 1);
+    let pinned = node.ok(&[
+        "publish",
+        "--type",
+        "shop.order.placed",
+        "--schema-version",
+        "1.0.0",
+        "--json",
+        r#"{"orderId": "o-2"}"#,
+    ]);
+    assert!(pinned.contains("\"sequence\":2"), "{pinned}");
+    one_line_error(
+        &node.run(&[
+            "publish",
+            "--type",
+            "shop.order.placed",
+            "--json",
+            r#"{"orderNumber": 1}"#,
+        ]),
+        "--json",
+    );
+    one_line_error(
+        &node.run(&["publish", "--type", "shop.order.unknown", "--json", "{}"]),
+        "no schema is registered",
+    );
+    let bytes = dir.path().join("junk.bin");
+    std::fs::write(&bytes, [0x48, 0x01]).unwrap();
+    one_line_error(
+        &node.run(&[
+            "publish",
+            "--type",
+            "shop.order.placed",
+            "--message",
+            "shop.v1.OrderPlaced",
+            "--payload-file",
+            bytes.to_str().unwrap(),
+        ]),
+        "field number 9",
+    );
+    let out = node.ok(&["subscribe", "shop.>", "--from", "earliest", "--count", "2"]);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["schema_version"], "1.1.0");
+    assert_eq!(events[0]["payload"]["orderId"], "o-1");
+    assert_eq!(events[0]["payload"]["total"]["cents"], "500");
+    assert_eq!(
+        events[0]["payload"]["@type"],
+        "type.googleapis.com/shop.v1.OrderPlaced"
+    );
+    assert_eq!(events[1]["schema_version"], "1.0.0");
+    assert_eq!(events[1]["payload"]["orderId"], "o-2");
+    assert!(node.terminate().success());
 }
