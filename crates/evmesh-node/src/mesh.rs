@@ -79,7 +79,7 @@ enum Slot {
 
 struct Batch {
     slots: Vec<Slot>,
-    appended: tokio::task::JoinHandle<evmesh_store::Result<Vec<evmesh_store::Appended>>>,
+    appended: evmesh_store::Result<evmesh_store::AppendTicket>,
 }
 
 fn rejected(rejection: Rejection) -> pb::PublishResponse {
@@ -102,8 +102,8 @@ fn ack(event_id: String, correlation_id: String, a: evmesh_store::Appended) -> p
 }
 
 impl<S: Store> MeshService<S> {
-    /// Validates one batch and starts appending its valid events.
-    fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
+    /// Validates one batch and queues its valid events, in stream order.
+    async fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
         let mut slots = Vec::with_capacity(requests.len());
         let mut events = Vec::with_capacity(requests.len());
         let catalog = self.catalogs.load();
@@ -120,8 +120,7 @@ impl<S: Store> MeshService<S> {
                 Err(rejection) => slots.push(Slot::Rejected(rejection)),
             }
         }
-        let store = self.store.clone();
-        let appended = tokio::spawn(async move { store.append(events).await });
+        let appended = self.store.enqueue(events).await;
         Batch { slots, appended }
     }
 }
@@ -132,9 +131,9 @@ async fn respond(
     out: mpsc::Sender<Result<pb::PublishResponse, Status>>,
 ) {
     while let Some(batch) = batches.recv().await {
-        let appended = match batch.appended.await {
-            Ok(result) => result.map_err(status),
-            Err(e) => Err(Status::internal(format!("append task failed: {e}"))),
+        let appended = match batch.appended {
+            Ok(ticket) => ticket.wait().await.map_err(status),
+            Err(e) => Err(status(e)),
         };
         for slot in batch.slots {
             let response = match (slot, &appended) {
@@ -368,7 +367,12 @@ impl<S: Store> Mesh for MeshService<S> {
                         None => break,
                     }
                 }
-                if batches_tx.send(this.start_batch(requests)).await.is_err() || ended {
+                if batches_tx
+                    .send(this.start_batch(requests).await)
+                    .await
+                    .is_err()
+                    || ended
+                {
                     break;
                 }
             }

@@ -154,3 +154,82 @@ fn value_unknowns(value: &Value, path: &str, out: &mut Vec<(String, u32)>) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use evmesh_schema::Schema;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+    use crate::catalog::Entry;
+
+    fn catalog() -> Catalog {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("order.proto"),
+            "syntax = \"proto3\";\npackage shop.v1;\n\
+             message Item { string sku = 1; int32 qty = 2; Item child = 3; }\n\
+             message OrderPlaced { string id = 1; repeated Item items = 2; map<string, Item> by_sku = 3; \
+             oneof pay { string card = 4; int64 cents = 5; } }\n",
+        )
+        .unwrap();
+        let set = protox::compile(["order.proto"], [dir.path()]).unwrap();
+        let schema = Schema::new(&set.encode_to_vec(), "shop.v1.OrderPlaced").unwrap();
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            Version::new(1, 0, 0),
+            Arc::new(Entry {
+                schema,
+                registered_at: std::time::SystemTime::now(),
+            }),
+        );
+        Catalog {
+            types: [("shop.order.placed".to_owned(), versions)]
+                .into_iter()
+                .collect(),
+            reflection: Default::default(),
+        }
+    }
+
+    fn event(value: Vec<u8>) -> Event {
+        Event {
+            r#type: "shop.order.placed".into(),
+            payload: Some(prost_types::Any {
+                type_url: "type.googleapis.com/shop.v1.OrderPlaced".into(),
+                value,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_found_deep_down() {
+        let catalog = catalog();
+        // items[0] = Item { child: Item { <field 15 = 1> } }
+        let child = vec![0x78, 0x01];
+        let mut inner = vec![0x1a, child.len() as u8];
+        inner.extend(&child);
+        let mut bytes = vec![0x12, inner.len() as u8];
+        bytes.extend(&inner);
+        let rejection = payload(&catalog, &mut event(bytes), false).unwrap_err();
+        assert_eq!(rejection.violations[0].path, "event.payload.items[0].child");
+        assert!(rejection.violations[0].message.contains("field number 15"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_payload_bytes_are_accepted_or_rejected_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let catalog = catalog();
+            let mut e = event(bytes);
+            if payload(&catalog, &mut e, false).is_ok() {
+                prop_assert_eq!(e.schema_version.as_str(), "1.0.0");
+            }
+        }
+    }
+}

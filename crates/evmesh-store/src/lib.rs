@@ -160,9 +160,17 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The storage of one mesh node. Cloning is cheap and shares the store.
 pub trait Store: Clone + Send + Sync + 'static {
-    /// Appends events durably, in order. Returns once they are committed; an id
-    /// already in the log (or earlier in `events`) is a duplicate.
-    fn append(&self, events: Vec<Event>) -> impl Future<Output = Result<Vec<Appended>>> + Send;
+    /// Queues events for appending and returns once they are queued; the ticket
+    /// resolves when they are committed. Events queued by one caller get increasing
+    /// sequences in the order they were queued, so a publish stream can pipeline
+    /// batches without reordering them. An id already in the log (or earlier in
+    /// `events`) is a duplicate.
+    fn enqueue(&self, events: Vec<Event>) -> impl Future<Output = Result<AppendTicket>> + Send;
+
+    /// Appends events durably, in order, and waits for the commit.
+    fn append(&self, events: Vec<Event>) -> impl Future<Output = Result<Vec<Appended>>> + Send {
+        async move { self.enqueue(events).await?.wait().await }
+    }
 
     /// Opens a subscription: joins (or creates) a durable group, or starts an
     /// ephemeral one.
@@ -210,6 +218,25 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Finishes what is in flight, persists group state and stops.
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The outcome of queued events, once they are committed.
+#[derive(Debug)]
+pub struct AppendTicket {
+    committed: tokio::sync::oneshot::Receiver<Result<Vec<Appended>>>,
+}
+
+impl AppendTicket {
+    /// A ticket and the sender that resolves it: for backends.
+    pub fn new() -> (tokio::sync::oneshot::Sender<Result<Vec<Appended>>>, Self) {
+        let (tx, committed) = tokio::sync::oneshot::channel();
+        (tx, Self { committed })
+    }
+
+    /// Waits for the commit: one result per queued event, in order.
+    pub async fn wait(self) -> Result<Vec<Appended>> {
+        self.committed.await.map_err(|_| StoreError::ShuttingDown)?
+    }
 }
 
 /// What a subscription member sends back to its dispatcher.

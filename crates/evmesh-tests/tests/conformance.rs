@@ -48,6 +48,7 @@ suite!(
         patterns_of_live_group_are_fixed,
         bounded_in_flight,
         graceful_stop_ends_open_streams,
+        one_stream_keeps_its_order,
     ]
 );
 
@@ -811,4 +812,27 @@ async fn graceful_stop_ends_open_streams(backend: Backend) {
     let mut client = node.client().await;
     let info = group_info(&mut client, "stopping").await;
     assert_eq!((info.ack_floor, info.head_sequence), (1, 3));
+}
+
+/// Sequences follow the order of a publish stream, however its requests are batched.
+async fn one_stream_keeps_its_order(backend: Backend) {
+    let node = TestNode::start(backend).await;
+    let mut client = node.client().await;
+    // A second stream at the same time, so that batches of both interleave.
+    let mut other = client.clone();
+    let noise = tokio::spawn(async move {
+        let events: Vec<_> = (0..2000).map(|_| event("noise.event")).collect();
+        publish_stream(&mut other, events).await
+    });
+    let events: Vec<_> = (0..3000).map(|_| event("ordered.event")).collect();
+    let sequences: Vec<u64> = publish_stream(&mut client, events)
+        .await
+        .iter()
+        .map(|r| ack_of(r).sequence)
+        .collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "sequences out of stream order"
+    );
+    noise.await.unwrap();
 }

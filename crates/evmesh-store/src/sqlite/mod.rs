@@ -23,7 +23,7 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::{
-    Appended, DeadLetter, GroupInfo, Result, SchemaRecord, StartPosition, Store, StoreError,
+    AppendTicket, DeadLetter, GroupInfo, Result, SchemaRecord, StartPosition, Store, StoreError,
     StoredEvent, Subscription, SubscriptionSpec,
 };
 
@@ -361,13 +361,14 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
 }
 
 impl Store for SqliteStore {
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>> {
+    async fn enqueue(&self, events: Vec<Event>) -> Result<AppendTicket> {
+        let (reply, ticket) = AppendTicket::new();
         if events.is_empty() {
-            return Ok(Vec::new());
+            let _ = reply.send(Ok(Vec::new()));
+        } else {
+            self.log.write(WriteOp::Append { events, reply }).await?;
         }
-        let (reply, done) = oneshot::channel();
-        self.log.write(WriteOp::Append { events, reply }).await?;
-        done.await.map_err(|_| StoreError::ShuttingDown)?
+        Ok(ticket)
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {
