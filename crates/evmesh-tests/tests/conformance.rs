@@ -354,22 +354,7 @@ async fn dead_letter_and_redrive(backend: Backend) {
                 .await;
         }
     }
-    let letters = eventually("a dead letter", || {
-        let mut client = client.clone();
-        async move {
-            let letters = client
-                .list_dead_letters(pb::ListDeadLettersRequest {
-                    group: "fragile".into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .dead_letters;
-            (!letters.is_empty()).then_some(letters)
-        }
-    })
-    .await;
+    let letters = dead_letters_eventually(&client, "fragile").await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].sequence, poison.sequence);
     assert_eq!(letters[0].attempts, 2);

@@ -1,0 +1,231 @@
+//! evmesh for Rust services: publish and handle typed events with no boilerplate.
+//!
+//! - [`Event`] is implemented by `evmesh-build` for every message marked with
+//!   `option (evmesh.v1.event_type) = "..."`; a service never writes an event type or
+//!   a schema version by hand.
+//! - [`Mesh::connect`] reaches a node; [`Mesh::publish`] streams with many events in
+//!   flight and returns each one's ack.
+//! - [`Mesh::consumer`] builds a consumer: a group, typed handlers, and the service's
+//!   own SQLite database, where one transaction holds the inbox mark, the handler's
+//!   writes and the events it publishes (the outbox), committed before the ack. A
+//!   relay publishes the outbox. Every effect happens once, whatever crashes.
+//!
+//! This crate has no feature flags.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use evmesh_proto::v1 as pb;
+use evmesh_proto::v1::schema_registry_client::SchemaRegistryClient;
+use tonic::transport::Channel;
+
+mod consumer;
+mod migrations;
+mod outbox;
+mod publisher;
+
+pub use consumer::{Consumer, ConsumerBuilder, Context, Incoming};
+pub use outbox::Relay;
+pub use publisher::Publisher;
+
+/// A payload message that is an event type's schema. Implemented by `evmesh-build`.
+pub trait Event: prost::Message + Default + Send + Sync + 'static {
+    /// The event type, e.g. `shop.order.placed`.
+    const TYPE: &'static str;
+    /// The fully qualified payload message, e.g. `shop.v1.OrderPlaced`.
+    const MESSAGE: &'static str;
+    /// The encoded descriptor set the message was compiled from, imports included.
+    fn descriptor_set() -> &'static [u8];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{code:?}: {message}")]
+    Rejected {
+        code: tonic::Code,
+        message: String,
+        violations: Vec<pb::Violation>,
+    },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the connection to the node was lost: {0}")]
+    Disconnected(String),
+    #[error("schema of {event_type}: {message}")]
+    Schema {
+        event_type: &'static str,
+        message: String,
+    },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A connection to a mesh node. Cloning shares it.
+#[derive(Clone)]
+pub struct Mesh {
+    channel: Channel,
+    publisher: Publisher,
+    /// Event type → the schema version this service's messages were resolved to.
+    versions: Arc<RwLock<HashMap<&'static str, String>>>,
+}
+
+/// Where an event sits in a workflow. Empty fields are filled: a new id, and for a
+/// new workflow a correlation id.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    pub id: String,
+    pub aggregate_id: String,
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub source: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// A new event id: a UUIDv7.
+pub(crate) fn new_id() -> uuid::Uuid {
+    uuid::Uuid::now_v7()
+}
+
+impl Mesh {
+    /// Connects to the node at `url` (e.g. `http://127.0.0.1:50051`).
+    ///
+    /// ```no_run
+    /// # async fn f() -> evmesh_client::Result<()> {
+    /// let mesh = evmesh_client::Mesh::connect("http://127.0.0.1:50051").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self> {
+        let endpoint = Channel::from_shared(url.to_owned())
+            .map_err(|e| Error::InvalidArgument(format!("{url:?} is not a valid URL: {e}")))?
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            publisher: Publisher::start(channel.clone()),
+            channel,
+            versions: Arc::default(),
+        })
+    }
+
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn request<E: Event>(version: &str) -> pb::RegisterSchemaRequest {
+        pb::RegisterSchemaRequest {
+            r#type: E::TYPE.to_owned(),
+            version: version.to_owned(),
+            message_name: E::MESSAGE.to_owned(),
+            descriptor_set: E::descriptor_set().to_vec(),
+        }
+    }
+
+    /// Registers `E`'s schema (the registry assigns the version) and uses that
+    /// version from now on. Idempotent for unchanged content.
+    pub async fn register<E: Event>(&self) -> Result<String> {
+        let response = SchemaRegistryClient::new(self.channel())
+            .register_schema(Self::request::<E>(""))
+            .await?
+            .into_inner();
+        let version = response.schema.map(|s| s.version).unwrap_or_default();
+        self.remember::<E>(&version);
+        Ok(version)
+    }
+
+    /// Finds the registered version whose content is exactly `E`'s schema and uses
+    /// it from now on; an error when this content is not registered.
+    pub async fn resolve<E: Event>(&self) -> Result<String> {
+        let check = SchemaRegistryClient::new(self.channel())
+            .check_schema(Self::request::<E>(""))
+            .await?
+            .into_inner();
+        if !check.already_registered {
+            return Err(Error::Schema {
+                event_type: E::TYPE,
+                message: format!(
+                    "this content of {} is not registered (it would be {}); register it first",
+                    E::MESSAGE,
+                    check.version
+                ),
+            });
+        }
+        self.remember::<E>(&check.version);
+        Ok(check.version)
+    }
+
+    fn remember<E: Event>(&self, version: &str) {
+        self.versions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(E::TYPE, version.to_owned());
+    }
+
+    /// The envelope of `event`: its type, the resolved schema version (empty: the
+    /// node takes the latest), the payload, and `meta` with the blanks filled.
+    pub fn envelope<E: Event>(&self, event: &E, meta: Meta) -> pb::Event {
+        let version = self
+            .versions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(E::TYPE)
+            .cloned()
+            .unwrap_or_default();
+        let id = if meta.id.is_empty() {
+            new_id().to_string()
+        } else {
+            meta.id
+        };
+        // A new workflow's correlation id is 128 bits in trace-id form, so that it
+        // can be the workflow's trace id too.
+        let correlation_id = if meta.correlation_id.is_empty() {
+            uuid::Uuid::parse_str(&id).map_or_else(
+                |_| new_id().simple().to_string(),
+                |u| u.simple().to_string(),
+            )
+        } else {
+            meta.correlation_id
+        };
+        pb::Event {
+            id,
+            r#type: E::TYPE.to_owned(),
+            schema_version: version,
+            occurred_at: Some(std::time::SystemTime::now().into()),
+            source: meta.source,
+            aggregate_id: meta.aggregate_id,
+            correlation_id,
+            causation_id: meta.causation_id,
+            headers: meta.headers,
+            payload: Some(prost_types::Any {
+                type_url: format!("type.googleapis.com/{}", E::MESSAGE),
+                value: event.encode_to_vec(),
+            }),
+        }
+    }
+
+    /// Publishes one event and waits for its durable ack. Many calls may be in
+    /// flight at once; they share one stream.
+    pub async fn publish<E: Event>(&self, event: &E, meta: Meta) -> Result<pb::PublishAck> {
+        self.publisher.publish(self.envelope(event, meta)).await
+    }
+
+    /// The shared streaming publisher, for envelopes built elsewhere.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// A consumer in durable group `group`.
+    pub fn consumer(&self, group: &str) -> ConsumerBuilder {
+        ConsumerBuilder::new(self.clone(), group)
+    }
+}
