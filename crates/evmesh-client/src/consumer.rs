@@ -515,9 +515,11 @@ async fn handle_batch(
         }
     }
     let tx = shared.tx.lock().await.take();
+    crate::failpoint("before_commit");
     if let Some(tx) = tx {
         tx.commit().await?;
     }
+    crate::failpoint("before_ack");
     let mut feedback = Vec::new();
     if !acks.is_empty() {
         feedback.push(R::Ack(pb::Ack { sequences: acks }));

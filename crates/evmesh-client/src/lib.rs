@@ -10,7 +10,9 @@
 //!   writes and the events it publishes (the outbox), committed before the ack. A
 //!   relay publishes the outbox. Every effect happens once, whatever crashes.
 //!
-//! This crate has no feature flags.
+//! Feature flags: `failpoints` (off) makes the process abort at the crash point
+//! named by `EVMESH_CLIENT_CRASH_AT`, for evmesh's own crash tests; never enable it
+//! in a service.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -88,6 +90,19 @@ pub struct Meta {
     pub causation_id: String,
     pub source: String,
     pub headers: HashMap<String, String>,
+}
+
+/// Aborts the process here when the `failpoints` feature is on and
+/// `EVMESH_CLIENT_CRASH_AT` names this point: a crash with nothing cleaned up.
+#[inline]
+pub(crate) fn failpoint(name: &str) {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("EVMESH_CLIENT_CRASH_AT").is_ok_and(|at| at == name) {
+        eprintln!("evmesh-client: crashing at {name}");
+        std::process::abort();
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
 }
 
 /// A new event id: a UUIDv7.

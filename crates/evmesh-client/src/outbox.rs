@@ -91,6 +91,7 @@ async fn relay_once(pool: &SqlitePool, publisher: &Publisher) -> Result<usize, E
         // All go out on the one stream at once, in order; acks come back in order.
         sends.push(async move { (seq, publisher.publish(envelope).await) });
     }
+    crate::failpoint("relay_before_publish");
     let results = futures_util::future::join_all(sends).await;
     let mut acked = Vec::new();
     let mut first_error = None;
@@ -103,6 +104,7 @@ async fn relay_once(pool: &SqlitePool, publisher: &Publisher) -> Result<usize, E
             }
         }
     }
+    crate::failpoint("relay_before_delete");
     let mut tx = pool.begin().await?;
     for seq in &acked {
         sqlx::query("DELETE FROM evmesh_outbox WHERE seq = ?")
