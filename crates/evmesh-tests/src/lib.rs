@@ -445,3 +445,51 @@ pub async fn dead_letters_eventually(
     })
     .await
 }
+
+/// The test payment service's database: a `charges` table beside evmesh's own.
+pub async fn payment_db(path: &Path) -> sqlx::SqlitePool {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::SqlitePool::connect_with(options)
+        .await
+        .expect("open the service database");
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS charges (order_id TEXT NOT NULL, event_id TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .expect("create charges");
+    pool
+}
+
+/// The test payment service: charges each order (a row in `charges`) and publishes
+/// `PaymentSucceeded`, all in the consumer's transaction.
+pub async fn payment_service(
+    mesh: &evmesh_client::Mesh,
+    pool: sqlx::SqlitePool,
+) -> evmesh_client::Consumer {
+    use evmesh_client::Context;
+    use shop::{OrderPlaced, PaymentSucceeded};
+    mesh.consumer("payment")
+        .database(pool)
+        .on(|ctx: Context, order: OrderPlaced| async move {
+            sqlx::query("INSERT INTO charges (order_id, event_id) VALUES (?, ?)")
+                .bind(&order.order_id)
+                .bind(&ctx.event().id)
+                .execute(&mut *ctx.tx().await)
+                .await?;
+            ctx.publish(
+                &PaymentSucceeded {
+                    order_id: order.order_id,
+                    amount_cents: order.total_cents,
+                },
+                &ctx.event().aggregate_id,
+            );
+            Ok(())
+        })
+        .start()
+        .await
+        .expect("start the payment consumer")
+}

@@ -9,53 +9,21 @@ use evmesh_tests::shop::{OrderPlaced, PaymentSucceeded};
 use evmesh_tests::v1 as pb;
 use evmesh_tests::*;
 use sqlx::SqlitePool;
-use sqlx::sqlite::SqliteConnectOptions;
 
 async fn strict() -> TestNode {
     TestNode::start_with(Backend::Sqlite, evmesh_node::NodeConfig::default()).await
 }
 
 async fn database(dir: &std::path::Path, name: &str) -> SqlitePool {
-    let options = SqliteConnectOptions::new()
-        .filename(dir.join(name))
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-    let pool = SqlitePool::connect_with(options).await.unwrap();
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS charges (order_id TEXT NOT NULL, event_id TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    pool
+    payment_db(&dir.join(name)).await
 }
 
 async fn count(pool: &SqlitePool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-/// The payment service of the tests: charges each order once and says so.
 async fn payment(mesh: &Mesh, pool: SqlitePool) -> evmesh_client::Consumer {
-    mesh.consumer("payment")
-        .database(pool)
-        .on(|ctx: Context, order: OrderPlaced| async move {
-            sqlx::query("INSERT INTO charges (order_id, event_id) VALUES (?, ?)")
-                .bind(&order.order_id)
-                .bind(&ctx.event().id)
-                .execute(&mut *ctx.tx().await)
-                .await?;
-            ctx.publish(
-                &PaymentSucceeded {
-                    order_id: order.order_id.clone(),
-                    amount_cents: order.total_cents,
-                },
-                &ctx.event().aggregate_id,
-            );
-            Ok(())
-        })
-        .start()
-        .await
-        .unwrap()
+    payment_service(mesh, pool).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

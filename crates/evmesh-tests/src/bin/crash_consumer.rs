@@ -3,10 +3,8 @@
 //! set, it aborts at that point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use evmesh_client::{Context, Mesh};
-use evmesh_tests::shop::{OrderPlaced, PaymentSucceeded};
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use evmesh_client::Mesh;
+use evmesh_tests::shop::PaymentSucceeded;
 
 #[tokio::main]
 async fn main() {
@@ -15,40 +13,10 @@ async fn main() {
         args.next().expect("NODE_URL"),
         args.next().expect("DATABASE"),
     );
-    let options = SqliteConnectOptions::new()
-        .filename(db)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal);
-    let pool = SqlitePool::connect_with(options).await.unwrap();
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS charges (order_id TEXT NOT NULL, event_id TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let pool = evmesh_tests::payment_db(std::path::Path::new(&db)).await;
     let mesh = Mesh::connect(&url).await.unwrap();
     mesh.resolve::<PaymentSucceeded>().await.unwrap();
-    let _consumer = mesh
-        .consumer("payment")
-        .database(pool)
-        .on(|ctx: Context, order: OrderPlaced| async move {
-            sqlx::query("INSERT INTO charges (order_id, event_id) VALUES (?, ?)")
-                .bind(&order.order_id)
-                .bind(&ctx.event().id)
-                .execute(&mut *ctx.tx().await)
-                .await?;
-            ctx.publish(
-                &PaymentSucceeded {
-                    order_id: order.order_id,
-                    amount_cents: order.total_cents,
-                },
-                &ctx.event().aggregate_id,
-            );
-            Ok(())
-        })
-        .start()
-        .await
-        .unwrap();
+    let _consumer = evmesh_tests::payment_service(&mesh, pool).await;
     println!("ready");
     std::future::pending::<()>().await;
 }
