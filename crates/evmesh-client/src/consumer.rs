@@ -422,13 +422,31 @@ async fn exec(shared: &Shared, sql: &str) -> Result<()> {
 }
 
 /// Handles a batch in one transaction and returns the acks and nacks to send once
-/// it is committed.
+/// it is committed. Optimistic: without savepoints first; when a handler fails, the
+/// whole transaction is rolled back and the batch runs again with a savepoint per
+/// event, so that only the failed event's writes are undone.
 async fn handle_batch(
     b: &ConsumerBuilder,
     pool: &SqlitePool,
     deliveries: Vec<pb::Delivery>,
 ) -> Result<Vec<pb::subscribe_request::Request>> {
+    if let Some(feedback) = run_batch(b, pool, &deliveries, false).await? {
+        return Ok(feedback);
+    }
+    run_batch(b, pool, &deliveries, true).await?.ok_or_else(|| {
+        Error::InvalidArgument("a batch with savepoints cannot fail as a whole".into())
+    })
+}
+
+/// One attempt at a batch; `None` when a handler failed and `savepoints` was off.
+async fn run_batch(
+    b: &ConsumerBuilder,
+    pool: &SqlitePool,
+    deliveries: &[pb::Delivery],
+    savepoints: bool,
+) -> Result<Option<Vec<pb::subscribe_request::Request>>> {
     use pb::subscribe_request::Request as R;
+    let savepoint = |sql: &'static str| savepoints.then_some(sql);
     let shared = Arc::new(Shared {
         tx: Mutex::new(Some(pool.begin().await?)),
         outbox: std::sync::Mutex::new(Vec::new()),
@@ -445,7 +463,9 @@ async fn handle_batch(
             acks.push(d.sequence);
             continue;
         };
-        exec(&shared, "SAVEPOINT evmesh_event").await?;
+        if let Some(sql) = savepoint("SAVEPOINT evmesh_event") {
+            exec(&shared, sql).await?;
+        }
         let fresh = {
             let mut guard = shared.tx.lock().await;
             match guard.as_deref_mut() {
@@ -466,13 +486,15 @@ async fn handle_batch(
         };
         if !fresh {
             tracing::debug!(event_id = %event.id, "already handled; acked");
-            exec(&shared, "RELEASE evmesh_event").await?;
+            if let Some(sql) = savepoint("RELEASE evmesh_event") {
+                exec(&shared, sql).await?;
+            }
             acks.push(d.sequence);
             continue;
         }
         let ctx = Context {
             shared: shared.clone(),
-            incoming: Arc::new(incoming(&d, event)),
+            incoming: Arc::new(incoming(d, event)),
             mesh: b.mesh.clone(),
         };
         let payload = event
@@ -493,11 +515,16 @@ async fn handle_batch(
                             .execute(&mut *tx)
                             .await?;
                     }
-                    sqlx::query("RELEASE evmesh_event")
-                        .execute(&mut *tx)
-                        .await?;
+                    if let Some(sql) = savepoint("RELEASE evmesh_event") {
+                        sqlx::query(sql).execute(&mut *tx).await?;
+                    }
                 }
                 acks.push(d.sequence);
+            }
+            Err(_) if !savepoints => {
+                // Dropping the transaction rolls it back; the caller runs the batch
+                // again with savepoints.
+                return Ok(None);
             }
             Err(e) => {
                 shared
@@ -531,5 +558,5 @@ async fn handle_batch(
             reason,
         }));
     }
-    Ok(feedback)
+    Ok(Some(feedback))
 }

@@ -105,14 +105,23 @@ async fn relay_once(pool: &SqlitePool, publisher: &Publisher) -> Result<usize, E
         }
     }
     crate::failpoint("relay_before_delete");
-    let mut tx = pool.begin().await?;
-    for seq in &acked {
-        sqlx::query("DELETE FROM evmesh_outbox WHERE seq = ?")
-            .bind(seq)
-            .execute(&mut *tx)
+    // Usually every row was acked: one range delete. Otherwise row by row.
+    if acked.len() == rows.len() {
+        let last = acked.last().copied().unwrap_or(0);
+        sqlx::query("DELETE FROM evmesh_outbox WHERE seq <= ?")
+            .bind(last)
+            .execute(pool)
             .await?;
+    } else {
+        let mut tx = pool.begin().await?;
+        for seq in &acked {
+            sqlx::query("DELETE FROM evmesh_outbox WHERE seq = ?")
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
     match first_error {
         Some(e) if acked.is_empty() => Err(e),
         _ => Ok(acked.len()),
