@@ -103,6 +103,8 @@ impl Context {
     /// outbox in this transaction, with this workflow's correlation id and the
     /// handled event as its cause. Returns the new event's id.
     pub fn publish<E: Event>(&self, event: &E, aggregate_id: &str) -> String {
+        // A child of the process span; the relay sends the event later.
+        let span = crate::telemetry::publish_span(E::TYPE);
         let envelope = self.mesh.envelope(
             event,
             Meta {
@@ -112,6 +114,7 @@ impl Context {
                 causation_id: self.incoming.id.clone(),
                 ..Meta::default()
             },
+            &span,
         );
         let id = envelope.id.clone();
         self.shared
@@ -502,7 +505,8 @@ async fn run_batch(
             .as_ref()
             .map(|p| p.value.as_slice())
             .unwrap_or_default();
-        match handler(ctx, payload).await {
+        let span = crate::telemetry::process_span(event, &b.group, d.attempt);
+        match tracing::Instrument::instrument(handler(ctx, payload), span).await {
             Ok(()) => {
                 let published: Vec<pb::Event> =
                     std::mem::take(&mut *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()));

@@ -26,6 +26,7 @@ mod consumer;
 mod migrations;
 mod outbox;
 mod publisher;
+pub mod telemetry;
 
 pub use consumer::{Consumer, ConsumerBuilder, Context, Incoming};
 pub use outbox::Relay;
@@ -187,8 +188,15 @@ impl Mesh {
     }
 
     /// The envelope of `event`: its type, the resolved schema version (empty: the
-    /// node takes the latest), the payload, and `meta` with the blanks filled.
-    pub fn envelope<E: Event>(&self, event: &E, meta: Meta) -> pb::Event {
+    /// node takes the latest), the payload, and `meta` with the blanks filled. `span`
+    /// is the event's publish span: its context goes into the headers, and a new
+    /// workflow's correlation id is its trace id.
+    pub(crate) fn envelope<E: Event>(
+        &self,
+        event: &E,
+        meta: Meta,
+        span: &tracing::Span,
+    ) -> pb::Event {
         let version = self
             .versions
             .read()
@@ -201,16 +209,16 @@ impl Mesh {
         } else {
             meta.id
         };
-        // A new workflow's correlation id is 128 bits in trace-id form, so that it
-        // can be the workflow's trace id too.
         let correlation_id = if meta.correlation_id.is_empty() {
-            uuid::Uuid::parse_str(&id).map_or_else(
-                |_| new_id().simple().to_string(),
-                |u| u.simple().to_string(),
-            )
+            // Without tracing set up, still 128 bits in trace-id form.
+            telemetry::trace_id(span).unwrap_or_else(|| new_id().simple().to_string())
         } else {
             meta.correlation_id
         };
+        span.record("messaging.message.id", id.as_str());
+        span.record("messaging.message.conversation_id", correlation_id.as_str());
+        let mut headers = meta.headers;
+        telemetry::inject(span, &mut headers);
         pb::Event {
             id,
             r#type: E::TYPE.to_owned(),
@@ -220,7 +228,7 @@ impl Mesh {
             aggregate_id: meta.aggregate_id,
             correlation_id,
             causation_id: meta.causation_id,
-            headers: meta.headers,
+            headers,
             payload: Some(prost_types::Any {
                 type_url: format!("type.googleapis.com/{}", E::MESSAGE),
                 value: event.encode_to_vec(),
@@ -228,10 +236,13 @@ impl Mesh {
         }
     }
 
-    /// Publishes one event and waits for its durable ack. Many calls may be in
-    /// flight at once; they share one stream.
+    /// Publishes one event and waits for its durable ack, in a `publish {type}`
+    /// span. Many calls may be in flight at once; they share one stream.
     pub async fn publish<E: Event>(&self, event: &E, meta: Meta) -> Result<pb::PublishAck> {
-        self.publisher.publish(self.envelope(event, meta)).await
+        use tracing::Instrument;
+        let span = telemetry::publish_span(E::TYPE);
+        let envelope = self.envelope(event, meta, &span);
+        self.publisher.publish(envelope).instrument(span).await
     }
 
     /// The shared streaming publisher, for envelopes built elsewhere.
