@@ -65,6 +65,8 @@ pub struct Context {
     shared: Arc<Shared>,
     incoming: Arc<Incoming>,
     mesh: Mesh,
+    /// The consumer group: the source of the events the handler publishes.
+    group: Arc<str>,
 }
 
 /// The handler's transaction; derefs to the connection.
@@ -112,6 +114,7 @@ impl Context {
                 aggregate_id: aggregate_id.to_owned(),
                 correlation_id: self.incoming.correlation_id.clone(),
                 causation_id: self.incoming.id.clone(),
+                source: self.group.to_string(),
                 ..Meta::default()
             },
             &span,
@@ -499,6 +502,7 @@ async fn run_batch(
             shared: shared.clone(),
             incoming: Arc::new(incoming(d, event)),
             mesh: b.mesh.clone(),
+            group: Arc::from(b.group.as_str()),
         };
         let payload = event
             .payload

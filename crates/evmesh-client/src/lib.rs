@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::schema_registry_client::SchemaRegistryClient;
 use tonic::transport::Channel;
 
@@ -28,7 +27,9 @@ mod outbox;
 mod publisher;
 pub mod telemetry;
 
-pub use consumer::{Consumer, ConsumerBuilder, Context, Incoming};
+pub use consumer::{Consumer, ConsumerBuilder, Context, HandlerError, Incoming, Tx};
+/// The wire types (envelopes, acks), for what the typed API does not cover.
+pub use evmesh_proto::v1 as pb;
 pub use outbox::Relay;
 pub use publisher::Publisher;
 
