@@ -493,3 +493,16 @@ pub async fn payment_service(
         .await
         .expect("start the payment consumer")
 }
+
+/// Seeks a group back to the start of the log: every event is delivered again.
+pub async fn seek_to_earliest(client: &mut MeshClient<Channel>, group: &str) {
+    client
+        .seek_group(pb::SeekGroupRequest {
+            group: group.into(),
+            position: Some(pb::StartPosition {
+                position: Some(pb::start_position::Position::Earliest(())),
+            }),
+        })
+        .await
+        .expect("seek the group");
+}

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use evmesh_client::{Context, Mesh, Meta};
 use evmesh_tests::shop::{OrderPlaced, PaymentSucceeded};
-use evmesh_tests::v1 as pb;
 use evmesh_tests::*;
 use sqlx::SqlitePool;
 
@@ -89,15 +88,7 @@ async fn typed_publish_and_an_effectively_once_consumer() {
 
     // Every event delivered again (the group seeked back), and the first order
     // published twice with its id: nothing happens twice.
-    client
-        .seek_group(pb::SeekGroupRequest {
-            group: "payment".into(),
-            position: Some(pb::StartPosition {
-                position: Some(pb::start_position::Position::Earliest(())),
-            }),
-        })
-        .await
-        .unwrap();
+    seek_to_earliest(&mut client, "payment").await;
     let again = mesh
         .publish(
             &OrderPlaced {

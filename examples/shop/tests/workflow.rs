@@ -111,15 +111,7 @@ async fn orders_flow_through_the_choreography_once() {
     // first order published again with its id. No effect happens twice.
     let mut client = node.client().await;
     for group in ["payment", "inventory", "shipping", "order-status"] {
-        client
-            .seek_group(pb::SeekGroupRequest {
-                group: group.into(),
-                position: Some(pb::StartPosition {
-                    position: Some(pb::start_position::Position::Earliest(())),
-                }),
-            })
-            .await
-            .unwrap();
+        evmesh_tests::seek_to_earliest(&mut client, group).await;
     }
     let again = mesh
         .publish(
