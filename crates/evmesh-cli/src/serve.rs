@@ -49,7 +49,18 @@ async fn signal() {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    // With an OTLP endpoint configured, the node's spans join the publishers' traces.
+    let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let _telemetry = if exporting {
+        let json = matches!(args.log_format, LogFormat::Json);
+        Some(
+            evmesh_client::telemetry::init_with("evmesh", None, json)
+                .context("setting up OTLP export")?,
+        )
+    } else {
+        init_logging(args.log_format);
+        None
+    };
     if args.max_payload_bytes == 0 {
         anyhow::bail!("--max-payload-bytes must be at least 1");
     }
@@ -67,6 +78,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Limits::default()
         },
         allow_unregistered: args.allow_unregistered,
+        trace_events: exporting,
         ..NodeConfig::default()
     };
     evmesh_node::serve(store, config, listener, signal()).await?;

@@ -48,12 +48,16 @@ impl Drop for Telemetry {
 /// `OTEL_SERVICE_NAME` overrides `service_name`). Call it inside a Tokio runtime,
 /// once per process.
 pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
-    init_with(service_name, None)
+    init_with(service_name, None, false)
 }
 
 /// Like [`init`], exporting to `endpoint` when given instead of the one the
-/// environment names.
-pub fn init_with(service_name: &str, endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
+/// environment names, with logs as JSON lines when `json_logs`.
+pub fn init_with(
+    service_name: &str,
+    endpoint: Option<&str>,
+    json_logs: bool,
+) -> Result<Telemetry, TelemetryError> {
     use opentelemetry_otlp::WithExportConfig;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
@@ -74,13 +78,17 @@ pub fn init_with(service_name: &str, endpoint: Option<&str>) -> Result<Telemetry
     opentelemetry::global::set_tracer_provider(provider.clone());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let logs = if json_logs {
+        logs.json().boxed()
+    } else {
+        logs.boxed()
+    };
     tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter),
-        )
+        .with(logs.with_filter(filter))
         .try_init()?;
     Ok(Telemetry { provider })
 }

@@ -23,6 +23,7 @@ mod mesh;
 mod oversize;
 mod reflection;
 mod registry;
+mod trace;
 mod validate;
 
 pub use envelope::Limits;
@@ -34,6 +35,9 @@ pub struct NodeConfig {
     /// Store events of types with no registered schema unvalidated, instead of
     /// rejecting them. Types with a schema are always validated.
     pub allow_unregistered: bool,
+    /// An `append {type}` span per accepted event, joined to the publisher's trace
+    /// through its `traceparent` header. Worth it when spans are exported.
+    pub trace_events: bool,
     /// How long a stopping node waits for clients to close their connections.
     pub shutdown_grace: std::time::Duration,
 }
@@ -43,6 +47,7 @@ impl Default for NodeConfig {
         Self {
             limits: Limits::default(),
             allow_unregistered: false,
+            trace_events: false,
             shutdown_grace: std::time::Duration::from_secs(10),
         }
     }
@@ -81,6 +86,7 @@ pub async fn serve<S: Store>(
         config.limits.clone(),
         catalogs.clone(),
         config.allow_unregistered,
+        config.trace_events,
         down_rx.clone(),
     ))
     .max_decoding_message_size(decode_limit)

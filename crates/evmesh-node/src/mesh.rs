@@ -32,6 +32,7 @@ pub(crate) struct MeshService<S> {
     limits: Arc<Limits>,
     catalogs: Arc<Catalogs>,
     allow_unregistered: bool,
+    trace_events: bool,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -41,6 +42,7 @@ impl<S: Store> MeshService<S> {
         limits: Limits,
         catalogs: Arc<Catalogs>,
         allow_unregistered: bool,
+        trace_events: bool,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -48,6 +50,7 @@ impl<S: Store> MeshService<S> {
             limits: Arc::new(limits),
             catalogs,
             allow_unregistered,
+            trace_events,
             shutdown,
         }
     }
@@ -58,6 +61,7 @@ impl<S: Store> MeshService<S> {
             limits: self.limits.clone(),
             catalogs: self.catalogs.clone(),
             allow_unregistered: self.allow_unregistered,
+            trace_events: self.trace_events,
             shutdown: self.shutdown.clone(),
         }
     }
@@ -73,8 +77,9 @@ impl<S: Store> MeshService<S> {
 /// Where each response of a publish batch comes from.
 enum Slot {
     Rejected(Rejection),
-    /// Index into the batch's appended results.
-    Appended(usize, String, String),
+    /// Index into the batch's appended results, the id, the correlation id, and the
+    /// event's span, which ends when the event is answered.
+    Appended(usize, String, String, tracing::Span),
 }
 
 struct Batch {
@@ -114,6 +119,7 @@ impl<S: Store> MeshService<S> {
                         events.len(),
                         event.id.clone(),
                         event.correlation_id.clone(),
+                        crate::trace::append_span(&event, self.trace_events),
                     ));
                     events.push(event);
                 }
@@ -138,15 +144,18 @@ async fn respond(
         for slot in batch.slots {
             let response = match (slot, &appended) {
                 (Slot::Rejected(rejection), _) => rejected(rejection),
-                (Slot::Appended(i, id, correlation), Ok(acks)) => match acks.get(i) {
-                    Some(a) => ack(id, correlation, *a),
+                (Slot::Appended(i, id, correlation, span), Ok(acks)) => match acks.get(i) {
+                    Some(a) => {
+                        span.record("evmesh.sequence", a.sequence);
+                        ack(id, correlation, *a)
+                    }
                     None => rejected(Rejection {
                         code: tonic::Code::Internal,
                         violations: vec![],
                         event_id: id,
                     }),
                 },
-                (Slot::Appended(_, id, _), Err(e)) => rejected(Rejection {
+                (Slot::Appended(_, id, _, _), Err(e)) => rejected(Rejection {
                     code: e.code(),
                     violations: vec![pb::Violation {
                         rule: "STORE".into(),
@@ -388,7 +397,10 @@ impl<S: Store> Mesh for MeshService<S> {
             .accept(&self.catalogs.load(), request.into_inner().event)
             .map_err(|r| r.to_status())?;
         let (id, correlation) = (event.id.clone(), event.correlation_id.clone());
-        let appended = self.store.append(vec![event]).await.map_err(status)?;
+        let span = crate::trace::append_span(&event, self.trace_events);
+        let appended = tracing::Instrument::instrument(self.store.append(vec![event]), span)
+            .await
+            .map_err(status)?;
         let a = appended
             .first()
             .copied()

@@ -5,73 +5,33 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use evmesh_client::{Context, Mesh, Meta};
 use evmesh_tests::shop::{OrderPlaced, PaymentSucceeded};
 use evmesh_tests::*;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Span>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
 fn attribute(span: &Span, key: &str) -> Option<String> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-            Value::StringValue(s) => Some(s.clone()),
-            Value::IntValue(i) => Some(i.to_string()),
-            other => Some(format!("{other:?}")),
-        })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    span_attribute(span, key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_workflow_is_one_trace_keyed_by_its_correlation_id() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = listener.local_addr().unwrap();
-    let server = collector.clone();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(server))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    let endpoint = format!("http://{otlp}");
-    let telemetry = evmesh_client::telemetry::init_with("shop-test", Some(&endpoint)).unwrap();
+    let collector = OtlpCollector::start().await;
+    let endpoint = collector.endpoint();
+    let telemetry =
+        evmesh_client::telemetry::init_with("shop-test", Some(&endpoint), false).unwrap();
 
-    let node = TestNode::start_with(Backend::Sqlite, evmesh_node::NodeConfig::default()).await;
+    let node = TestNode::start_with(
+        Backend::Sqlite,
+        evmesh_node::NodeConfig {
+            trace_events: true,
+            ..evmesh_node::NodeConfig::default()
+        },
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::connect(&node.url()).await.unwrap();
     mesh.register::<OrderPlaced>().await.unwrap();
@@ -113,11 +73,14 @@ async fn one_workflow_is_one_trace_keyed_by_its_correlation_id() {
         telemetry.flush();
         let collector = collector.clone();
         async move {
-            let spans = collector.0.lock().unwrap().clone();
-            let named: HashMap<String, Span> =
-                spans.into_iter().map(|s| (s.name.clone(), s)).collect();
+            let named: HashMap<String, Span> = collector
+                .spans()
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect();
             [
                 "publish shop.order.placed",
+                "append shop.order.placed",
                 "process shop.order.placed",
                 "publish shop.payment.succeeded",
                 "process shop.payment.succeeded",
