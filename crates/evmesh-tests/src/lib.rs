@@ -56,6 +56,16 @@ impl TestNode {
         Self::start_with(backend, Self::lenient()).await
     }
 
+    /// A strict node (schemas required) that makes its own spans of every event, for
+    /// the tracing tests.
+    pub async fn start_traced(backend: Backend) -> Self {
+        let config = evmesh_node::NodeConfig {
+            trace_events: true,
+            ..evmesh_node::NodeConfig::default()
+        };
+        Self::start_with(backend, config).await
+    }
+
     /// A node with `config` over a fresh temporary directory.
     pub async fn start_with(backend: Backend, config: evmesh_node::NodeConfig) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -24,14 +24,7 @@ async fn one_workflow_is_one_trace_keyed_by_its_correlation_id() {
     let telemetry =
         evmesh_client::telemetry::init_with("shop-test", Some(&endpoint), false).unwrap();
 
-    let node = TestNode::start_with(
-        Backend::Sqlite,
-        evmesh_node::NodeConfig {
-            trace_events: true,
-            ..evmesh_node::NodeConfig::default()
-        },
-    )
-    .await;
+    let node = TestNode::start_traced(Backend::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::connect(&node.url()).await.unwrap();
     mesh.register::<OrderPlaced>().await.unwrap();

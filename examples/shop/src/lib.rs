@@ -259,3 +259,55 @@ pub async fn start_all(mesh: &Mesh, dir: &Path) -> anyhow::Result<Shop> {
         status_db,
     })
 }
+
+/// What every shop binary takes on its command line.
+#[derive(Debug, clap::Parser)]
+pub struct Args {
+    /// The node.
+    #[arg(long, env = "EVMESH_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Where the services keep their databases.
+    #[arg(long, default_value = "./shop-data")]
+    pub data: std::path::PathBuf,
+}
+
+/// One of the shop's consumer services.
+#[derive(Debug, Clone, Copy)]
+pub enum Service {
+    Payment,
+    Inventory,
+    Shipping,
+    OrderStatus,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Payment => "payment",
+            Service::Inventory => "inventory",
+            Service::Shipping => "shipping",
+            Service::OrderStatus => "order-status",
+        }
+    }
+}
+
+/// The whole of a service binary: traces, schemas, the consumer, until Ctrl-C.
+pub async fn run_service(service: Service) -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let args = Args::parse();
+    let _telemetry = evmesh_client::telemetry::init(service.name())?;
+    let mesh = Mesh::connect(&args.server).await?;
+    register_all(&mesh).await?;
+    std::fs::create_dir_all(&args.data)?;
+    let pool = database(&args.data.join(format!("{}.db", service.name()))).await?;
+    let consumer = match service {
+        Service::Payment => payment(&mesh, pool).await?,
+        Service::Inventory => inventory(&mesh, pool).await?,
+        Service::Shipping => shipping(&mesh, pool).await?,
+        Service::OrderStatus => order_status(&mesh, pool).await?,
+    };
+    tracing::info!(service = service.name(), "running; Ctrl-C stops it");
+    tokio::signal::ctrl_c().await?;
+    consumer.stop().await?;
+    Ok(())
+}

@@ -22,14 +22,7 @@ async fn the_workflow_is_one_trace_from_order_to_shipping() {
     let collector = OtlpCollector::start().await;
     let telemetry =
         evmesh_client::telemetry::init_with("shop", Some(&collector.endpoint()), false).unwrap();
-    let node = TestNode::start_with(
-        Backend::Sqlite,
-        evmesh_node::NodeConfig {
-            trace_events: true,
-            ..evmesh_node::NodeConfig::default()
-        },
-    )
-    .await;
+    let node = TestNode::start_traced(Backend::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::connect(&node.url()).await.unwrap();
     evmesh_shop::register_all(&mesh).await.unwrap();

@@ -1,13 +1,14 @@
 //! `shop`: the shop choreography against a running node.
 //!
-//! - `shop run --orders 3`: registers the schemas, starts every service, places the
-//!   orders, and prints where each one ends up (and its correlation id, for
-//!   `evmesh chain` and Jaeger); the services keep running until Ctrl-C.
-//! - `shop payment|inventory|shipping|order-status`: one service on its own.
-//! - `shop place ORDER_ID --total-cents N`: the order service.
+//! - `shop run --orders 3`: registers the schemas, starts every service in this one
+//!   process, places the orders, and prints where each one ends up (and its
+//!   correlation id, for `evmesh chain` and Jaeger); the services keep running until
+//!   Ctrl-C.
 //! - `shop status ORDER_ID`: asks the order-status projection.
+//!
+//! Each service is also a binary of its own: `order`, `payment`, `inventory`,
+//! `shipping`, `order-status`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,12 +18,8 @@ use evmesh_shop::events::{LineItem, OrderPlaced};
 
 #[derive(Parser)]
 struct Cli {
-    /// The node.
-    #[arg(long, env = "EVMESH_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
-    /// Where the services keep their databases.
-    #[arg(long, default_value = "./shop-data")]
-    data: PathBuf,
+    #[command(flatten)]
+    args: evmesh_shop::Args,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,20 +31,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         orders: u32,
     },
-    Payment,
-    Inventory,
-    Shipping,
-    OrderStatus,
-    /// Place one order.
-    Place {
-        order_id: String,
-        #[arg(long, default_value_t = 4_200)]
-        total_cents: i64,
-    },
     /// Where is this order?
-    Status {
-        order_id: String,
-    },
+    Status { order_id: String },
 }
 
 async fn until_ctrl_c(consumers: Vec<evmesh_client::Consumer>) -> anyhow::Result<()> {
@@ -62,13 +47,13 @@ async fn until_ctrl_c(consumers: Vec<evmesh_client::Consumer>) -> anyhow::Result
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = evmesh_client::telemetry::init("shop").context("setting up tracing")?;
-    let mesh = Mesh::connect(&cli.server).await?;
-    std::fs::create_dir_all(&cli.data)?;
-    let db = |name: &str| cli.data.join(format!("{name}.db"));
+    let mesh = Mesh::connect(&cli.args.server).await?;
+    std::fs::create_dir_all(&cli.args.data)?;
+    let db = |name: &str| cli.args.data.join(format!("{name}.db"));
     match cli.command {
         Command::Run { orders } => {
             evmesh_shop::register_all(&mesh).await?;
-            let shop = evmesh_shop::start_all(&mesh, &cli.data).await?;
+            let shop = evmesh_shop::start_all(&mesh, &cli.args.data).await?;
             let mut placed = Vec::new();
             for i in 0..orders {
                 // Every third order is over the payment limit.
@@ -106,52 +91,6 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("services running; Ctrl-C stops them");
             until_ctrl_c(shop.consumers).await
-        }
-        Command::Payment => {
-            evmesh_shop::register_all(&mesh).await?;
-            let c =
-                evmesh_shop::payment(&mesh, evmesh_shop::database(&db("payment")).await?).await?;
-            until_ctrl_c(vec![c]).await
-        }
-        Command::Inventory => {
-            evmesh_shop::register_all(&mesh).await?;
-            let c = evmesh_shop::inventory(&mesh, evmesh_shop::database(&db("inventory")).await?)
-                .await?;
-            until_ctrl_c(vec![c]).await
-        }
-        Command::Shipping => {
-            evmesh_shop::register_all(&mesh).await?;
-            let c =
-                evmesh_shop::shipping(&mesh, evmesh_shop::database(&db("shipping")).await?).await?;
-            until_ctrl_c(vec![c]).await
-        }
-        Command::OrderStatus => {
-            evmesh_shop::register_all(&mesh).await?;
-            let c =
-                evmesh_shop::order_status(&mesh, evmesh_shop::database(&db("order-status")).await?)
-                    .await?;
-            until_ctrl_c(vec![c]).await
-        }
-        Command::Place {
-            order_id,
-            total_cents,
-        } => {
-            evmesh_shop::register_all(&mesh).await?;
-            let order = OrderPlaced {
-                order_id,
-                customer: "ada".into(),
-                total_cents,
-                items: vec![LineItem {
-                    sku: "book".into(),
-                    quantity: 1,
-                }],
-            };
-            let ack = evmesh_shop::place_order(&mesh, order).await?;
-            println!(
-                "placed: sequence {}, correlation id {}",
-                ack.sequence, ack.correlation_id
-            );
-            Ok(())
         }
         Command::Status { order_id } => {
             let pool = evmesh_shop::database(&db("order-status")).await?;
