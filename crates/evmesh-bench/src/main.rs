@@ -45,7 +45,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "publish,latency,consumer"
+        default_value = "publish,latency,ceiling,fanout,consumer"
     )]
     scenarios: Vec<String>,
     /// Keep the node's log in this directory instead of a temporary one.
@@ -172,6 +172,242 @@ async fn register(node: &Node, ty: &str) -> anyhow::Result<()> {
 }
 
 /// An event whose payload is a `bench.v1.Payload` of `payload` bytes in all.
+/// The ceiling: a bare tonic server on the same wire API whose Publish answers every
+/// request with an ack at once: no validation, no storage.
+struct Echo;
+
+#[tonic::async_trait]
+impl pb::mesh_server::Mesh for Echo {
+    type PublishStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::PublishResponse, tonic::Status>> + Send>,
+    >;
+    type SubscribeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn publish(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::PublishRequest>>,
+    ) -> Result<tonic::Response<Self::PublishStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut sequence = 0;
+            while let Ok(Some(request)) = inbound.message().await {
+                sequence += 1;
+                let ack = pb::PublishAck {
+                    event_id: request.event.map(|e| e.id).unwrap_or_default(),
+                    sequence,
+                    duplicate: false,
+                    correlation_id: String::new(),
+                };
+                let response = pb::PublishResponse {
+                    result: Some(pb::publish_response::Result::Ack(ack)),
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn publish_event(
+        &self,
+        _: tonic::Request<pb::PublishRequest>,
+    ) -> Result<tonic::Response<pb::PublishResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the ceiling only streams"))
+    }
+    async fn subscribe(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::SubscribeRequest>>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the ceiling only publishes"))
+    }
+    async fn get_chain(
+        &self,
+        _: tonic::Request<pb::GetChainRequest>,
+    ) -> Result<tonic::Response<pb::GetChainResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn list_groups(
+        &self,
+        _: tonic::Request<pb::ListGroupsRequest>,
+    ) -> Result<tonic::Response<pb::ListGroupsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn seek_group(
+        &self,
+        _: tonic::Request<pb::SeekGroupRequest>,
+    ) -> Result<tonic::Response<pb::SeekGroupResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn list_dead_letters(
+        &self,
+        _: tonic::Request<pb::ListDeadLettersRequest>,
+    ) -> Result<tonic::Response<pb::ListDeadLettersResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn redrive_dead_letters(
+        &self,
+        _: tonic::Request<pb::RedriveDeadLettersRequest>,
+    ) -> Result<tonic::Response<pb::RedriveDeadLettersResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn purge_dead_letters(
+        &self,
+        _: tonic::Request<pb::PurgeDeadLettersRequest>,
+    ) -> Result<tonic::Response<pb::PurgeDeadLettersResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+}
+
+/// Starts the ceiling server on its own 2-thread runtime; returns its address.
+fn start_ceiling() -> anyhow::Result<std::net::SocketAddr> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let _ = ready_tx.send(listener.local_addr()?);
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tonic::transport::Server::builder()
+                .add_service(pb::mesh_server::MeshServer::new(Echo))
+                .serve_with_incoming(incoming)
+                .await?;
+            anyhow::Ok(())
+        })
+    });
+    Ok(ready_rx.recv_timeout(Duration::from_secs(30))?)
+}
+
+async fn ceiling_throughput(
+    addr: std::net::SocketAddr,
+    events: u64,
+    payload: usize,
+) -> anyhow::Result<Row> {
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let start = Instant::now();
+    let acked = stream_publisher(
+        MeshClient::new(channel),
+        "bench.order.placed",
+        events,
+        payload,
+        4096,
+    )
+    .await?;
+    let rate = acked as f64 / start.elapsed().as_secs_f64();
+    Ok(Row {
+        scenario: "ceiling: bare tonic echo, 1 stream".into(),
+        figures: vec![
+            ("events/s".into(), rate, format!("{rate:.0}")),
+            (
+                "MB/s".into(),
+                rate * payload as f64 / 1e6,
+                format!("{:.1}", rate * payload as f64 / 1e6),
+            ),
+        ],
+    })
+}
+
+/// One publisher at `rate` for `seconds` to `subscribers` ephemeral auto-ack
+/// subscribers; every delivery's latency counts from when its event was due.
+async fn fan_out(
+    node: &Node,
+    subscribers: usize,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+) -> anyhow::Result<Row> {
+    let total = rate * seconds;
+    let base = Instant::now();
+    let mut receivers = Vec::new();
+    for _ in 0..subscribers {
+        let mut client = node.client().await?;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+                patterns: vec!["bench.fanout.>".into()],
+                auto_ack: true,
+                max_in_flight: 10_000,
+                ..Default::default()
+            })),
+        })
+        .await?;
+        let mut stream = client
+            .subscribe(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        stream.message().await?;
+        receivers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            while (latencies.len() as u64) < total {
+                let Ok(Some(m)) = stream.message().await else {
+                    break;
+                };
+                let Some(pb::subscribe_response::Response::Delivery(d)) = m.response else {
+                    continue;
+                };
+                let now = base.elapsed().as_nanos() as u64;
+                let due: u64 = d
+                    .event
+                    .as_ref()
+                    .and_then(|e| e.headers.get("due-ns"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                latencies.push(now.saturating_sub(due));
+            }
+            drop(tx);
+            latencies
+        }));
+    }
+    let mut client = node.client().await?;
+    let (tx, rx) = mpsc::channel(65_536);
+    let mut acks = client.publish(ReceiverStream::new(rx)).await?.into_inner();
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = acks.message().await {} });
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let start = Instant::now();
+    for k in 0..total {
+        let due = interval * u32::try_from(k).unwrap_or(u32::MAX);
+        tokio::time::sleep_until((base + due).into()).await;
+        let e = event(
+            "bench.fanout.tick",
+            payload,
+            vec![("due-ns".into(), due.as_nanos().to_string())],
+        );
+        tx.send(pb::PublishRequest { event: Some(e) }).await?;
+    }
+    let mut all = Vec::new();
+    for r in receivers {
+        all.extend(
+            tokio::time::timeout(Duration::from_secs(120), r)
+                .await
+                .context("fan-out deliveries")??,
+        );
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(tx);
+    drain.abort();
+    all.sort_unstable();
+    let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or(0) as f64 / 1e6;
+    let rate_out = all.len() as f64 / elapsed;
+    Ok(Row {
+        scenario: format!("fan-out to {subscribers} at {rate}/s"),
+        figures: vec![
+            ("deliveries/s".into(), rate_out, format!("{rate_out:.0}")),
+            ("p99 ms".into(), p99, format!("{p99:.2}")),
+            ("deliveries".into(), all.len() as f64, all.len().to_string()),
+        ],
+    })
+}
+
 fn event(ty: &str, payload: usize, headers: Vec<(String, String)>) -> pb::Event {
     // Field 1, length-delimited: tag, a varint length, the bytes.
     let data = payload.saturating_sub(3).max(1);
@@ -511,6 +747,7 @@ fn main() -> anyhow::Result<()> {
         let run = |name: &str| args.scenarios.iter().any(|s| s == name);
         register(&node, "bench.order.placed").await?;
         register(&node, "bench.latency.tick").await?;
+        register(&node, "bench.fanout.tick").await?;
         let publish_runs = [(1, true), (4, true), (16, true), (1, false)];
         for (streams, validated) in publish_runs.into_iter().filter(|_| run("publish")) {
             let row = publish_throughput(&node, streams, events, args.payload, validated).await?;
@@ -525,6 +762,21 @@ fn main() -> anyhow::Result<()> {
             let row = delivery_latency(&node, rate, seconds, args.payload).await?;
             eprintln!("done: {}", row.scenario);
             rows.push(row);
+        }
+        if run("ceiling") {
+            let addr = start_ceiling()?;
+            let row = ceiling_throughput(addr, events, args.payload).await?;
+            eprintln!("done: {}", row.scenario);
+            rows.push(row);
+        }
+        if run("fanout") {
+            let seconds = if args.quick { 1 } else { 3 };
+            for (subscribers, rate) in [(10, 2_000), (100, 500)] {
+                let rate = if args.quick { rate / 10 } else { rate };
+                let row = fan_out(&node, subscribers, rate, seconds, args.payload).await?;
+                eprintln!("done: {}", row.scenario);
+                rows.push(row);
+            }
         }
         if run("consumer") {
             let row = consumer_throughput(&node, events / 4, args.payload).await?;

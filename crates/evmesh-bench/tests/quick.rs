@@ -29,7 +29,7 @@ fn quick_run_prints_every_scenario_and_writes_json() {
     let figures: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid json");
     let rows = figures.as_array().expect("an array of rows");
-    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.len(), 11);
     assert!(
         rows.iter()
             .all(|r| r["figures"].as_object().is_some_and(|f| !f.is_empty()))
