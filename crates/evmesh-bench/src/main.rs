@@ -171,7 +171,6 @@ async fn register(node: &Node, ty: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An event whose payload is a `bench.v1.Payload` of `payload` bytes in all.
 /// The ceiling: a bare tonic server on the same wire API whose Publish answers every
 /// request with an ack at once: no validation, no storage.
 struct Echo;
@@ -317,97 +316,7 @@ async fn ceiling_throughput(
     })
 }
 
-/// One publisher at `rate` for `seconds` to `subscribers` ephemeral auto-ack
-/// subscribers; every delivery's latency counts from when its event was due.
-async fn fan_out(
-    node: &Node,
-    subscribers: usize,
-    rate: u64,
-    seconds: u64,
-    payload: usize,
-) -> anyhow::Result<Row> {
-    let total = rate * seconds;
-    let base = Instant::now();
-    let mut receivers = Vec::new();
-    for _ in 0..subscribers {
-        let mut client = node.client().await?;
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(pb::SubscribeRequest {
-            request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
-                patterns: vec!["bench.fanout.>".into()],
-                auto_ack: true,
-                max_in_flight: 10_000,
-                ..Default::default()
-            })),
-        })
-        .await?;
-        let mut stream = client
-            .subscribe(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        stream.message().await?;
-        receivers.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(total as usize);
-            while (latencies.len() as u64) < total {
-                let Ok(Some(m)) = stream.message().await else {
-                    break;
-                };
-                let Some(pb::subscribe_response::Response::Delivery(d)) = m.response else {
-                    continue;
-                };
-                let now = base.elapsed().as_nanos() as u64;
-                let due: u64 = d
-                    .event
-                    .as_ref()
-                    .and_then(|e| e.headers.get("due-ns"))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                latencies.push(now.saturating_sub(due));
-            }
-            drop(tx);
-            latencies
-        }));
-    }
-    let mut client = node.client().await?;
-    let (tx, rx) = mpsc::channel(65_536);
-    let mut acks = client.publish(ReceiverStream::new(rx)).await?.into_inner();
-    let drain = tokio::spawn(async move { while let Ok(Some(_)) = acks.message().await {} });
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
-    let start = Instant::now();
-    for k in 0..total {
-        let due = interval * u32::try_from(k).unwrap_or(u32::MAX);
-        tokio::time::sleep_until((base + due).into()).await;
-        let e = event(
-            "bench.fanout.tick",
-            payload,
-            vec![("due-ns".into(), due.as_nanos().to_string())],
-        );
-        tx.send(pb::PublishRequest { event: Some(e) }).await?;
-    }
-    let mut all = Vec::new();
-    for r in receivers {
-        all.extend(
-            tokio::time::timeout(Duration::from_secs(120), r)
-                .await
-                .context("fan-out deliveries")??,
-        );
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    drop(tx);
-    drain.abort();
-    all.sort_unstable();
-    let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or(0) as f64 / 1e6;
-    let rate_out = all.len() as f64 / elapsed;
-    Ok(Row {
-        scenario: format!("fan-out to {subscribers} at {rate}/s"),
-        figures: vec![
-            ("deliveries/s".into(), rate_out, format!("{rate_out:.0}")),
-            ("p99 ms".into(), p99, format!("{p99:.2}")),
-            ("deliveries".into(), all.len() as f64, all.len().to_string()),
-        ],
-    })
-}
-
+/// An event whose payload is a `bench.v1.Payload` of `payload` bytes in all.
 fn event(ty: &str, payload: usize, headers: Vec<(String, String)>) -> pb::Event {
     // Field 1, length-delimited: tag, a varint length, the bytes.
     let data = payload.saturating_sub(3).max(1);
@@ -525,100 +434,119 @@ async fn publish_throughput(
     })
 }
 
-/// Open loop: event k is due at start + k/rate whether or not the node keeps up, and
-/// its latency counts from when it was due, so a slow node cannot hide its delay.
-async fn delivery_latency(
+/// An ephemeral auto-ack subscriber of `pattern` that records, for `total`
+/// deliveries, how long after its due time (header `due-ns`, from `base`) each came.
+async fn latency_subscriber(
     node: &Node,
-    rate: u64,
-    seconds: u64,
-    payload: usize,
-) -> anyhow::Result<Row> {
-    let mut sub_client = node.client().await?;
-    let (sub_tx, sub_rx) = mpsc::channel(16);
-    sub_tx
-        .send(pb::SubscribeRequest {
-            request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
-                patterns: vec!["bench.latency.>".into()],
-                auto_ack: true,
-                max_in_flight: 10_000,
-                ..Default::default()
-            })),
-        })
-        .await?;
-    let mut deliveries = sub_client
-        .subscribe(ReceiverStream::new(sub_rx))
+    pattern: &str,
+    total: u64,
+    base: Instant,
+) -> anyhow::Result<tokio::task::JoinHandle<Vec<u64>>> {
+    let mut client = node.client().await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+            patterns: vec![pattern.to_owned()],
+            auto_ack: true,
+            max_in_flight: 10_000,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = client
+        .subscribe(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    deliveries.message().await?; // subscribed
-    let total = rate * seconds;
-    let base = Instant::now();
-    let receiver = tokio::spawn(async move {
+    stream.message().await?; // subscribed
+    Ok(tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(total as usize);
         while (latencies.len() as u64) < total {
-            let Ok(Some(m)) = deliveries.message().await else {
+            let Ok(Some(m)) = stream.message().await else {
                 break;
             };
             let Some(pb::subscribe_response::Response::Delivery(d)) = m.response else {
                 continue;
             };
-            let now = base.elapsed();
+            let now = base.elapsed().as_nanos() as u64;
             let due: u64 = d
                 .event
                 .as_ref()
                 .and_then(|e| e.headers.get("due-ns"))
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            latencies.push(now.as_nanos() as u64 - due.min(now.as_nanos() as u64));
+            latencies.push(now.saturating_sub(due));
         }
-        drop(sub_tx);
+        drop(tx);
         latencies
-    });
+    }))
+}
+
+/// Open loop: event k of `ty` is due at base + k/rate whatever the node does, and
+/// latency counts from when it was due, so a node that falls behind cannot hide it.
+/// Returns each event's due-to-ack latency.
+async fn open_loop_publish(
+    node: &Node,
+    ty: &str,
+    rate: u64,
+    total: u64,
+    payload: usize,
+    base: Instant,
+) -> anyhow::Result<Vec<u64>> {
     let mut client = node.client().await?;
     let (tx, rx) = mpsc::channel(65_536);
     let mut acks = client.publish(ReceiverStream::new(rx)).await?.into_inner();
     let interval = Duration::from_nanos(1_000_000_000 / rate);
-    let drain = tokio::spawn(async move {
-        let mut ack_latencies = Vec::new();
+    let acked = tokio::spawn(async move {
+        let mut latencies = Vec::new();
         let mut k = 0u32;
         while let Ok(Some(_)) = acks.message().await {
-            let due = interval * k;
+            latencies.push(base.elapsed().saturating_sub(interval * k).as_nanos() as u64);
             k += 1;
-            ack_latencies.push(base.elapsed().saturating_sub(due).as_nanos() as u64);
         }
-        ack_latencies
+        latencies
     });
     for k in 0..total {
         let due = interval * u32::try_from(k).unwrap_or(u32::MAX);
         tokio::time::sleep_until((base + due).into()).await;
         let e = event(
-            "bench.latency.tick",
+            ty,
             payload,
             vec![("due-ns".into(), due.as_nanos().to_string())],
         );
         tx.send(pb::PublishRequest { event: Some(e) }).await?;
     }
+    drop(tx);
+    Ok(acked.await?)
+}
+
+/// The `p` quantile of sorted nanoseconds, in milliseconds.
+fn quantile_ms(sorted: &[u64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+    sorted.get(i).copied().unwrap_or(0) as f64 / 1e6
+}
+
+async fn delivery_latency(
+    node: &Node,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+) -> anyhow::Result<Row> {
+    let total = rate * seconds;
+    let base = Instant::now();
+    let receiver = latency_subscriber(node, "bench.latency.>", total, base).await?;
+    let mut acks =
+        open_loop_publish(node, "bench.latency.tick", rate, total, payload, base).await?;
     let mut latencies = tokio::time::timeout(Duration::from_secs(60), receiver)
         .await
         .context("deliveries did not all arrive")??;
-    drop(tx);
-    let mut ack_latencies = drain.await?;
-    ack_latencies.sort_unstable();
-    let ack_p50 = ack_latencies
-        .get(ack_latencies.len() / 2)
-        .copied()
-        .unwrap_or(0) as f64
-        / 1e6;
-    let ack_p99 = ack_latencies
-        .get(ack_latencies.len() * 99 / 100)
-        .copied()
-        .unwrap_or(0) as f64
-        / 1e6;
+    acks.sort_unstable();
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
-        latencies.get(i).copied().unwrap_or(0) as f64 / 1e6
-    };
-    let (p50, p99, p999) = (pct(0.50), pct(0.99), pct(0.999));
+    let (p50, p99, p999) = (
+        quantile_ms(&latencies, 0.50),
+        quantile_ms(&latencies, 0.99),
+        quantile_ms(&latencies, 0.999),
+    );
+    let (ack_p50, ack_p99) = (quantile_ms(&acks, 0.50), quantile_ms(&acks, 0.99));
     Ok(Row {
         scenario: format!("publish-to-delivery at {rate}/s"),
         figures: vec![
@@ -632,6 +560,45 @@ async fn delivery_latency(
             ),
             ("ack p50 ms".into(), ack_p50, format!("{ack_p50:.2}")),
             ("ack p99 ms".into(), ack_p99, format!("{ack_p99:.2}")),
+        ],
+    })
+}
+
+/// One publisher at `rate` for `seconds` to `subscribers` ephemeral auto-ack
+/// subscribers; every delivery's latency counts from when its event was due.
+async fn fan_out(
+    node: &Node,
+    subscribers: usize,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+) -> anyhow::Result<Row> {
+    let total = rate * seconds;
+    let base = Instant::now();
+    let mut receivers = Vec::new();
+    for _ in 0..subscribers {
+        receivers.push(latency_subscriber(node, "bench.fanout.>", total, base).await?);
+    }
+    let start = Instant::now();
+    open_loop_publish(node, "bench.fanout.tick", rate, total, payload, base).await?;
+    let mut all = Vec::new();
+    for r in receivers {
+        all.extend(
+            tokio::time::timeout(Duration::from_secs(120), r)
+                .await
+                .context("fan-out deliveries")??,
+        );
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let p99 = quantile_ms(&all, 0.99);
+    let rate_out = all.len() as f64 / elapsed;
+    Ok(Row {
+        scenario: format!("fan-out to {subscribers} at {rate}/s"),
+        figures: vec![
+            ("deliveries/s".into(), rate_out, format!("{rate_out:.0}")),
+            ("p99 ms".into(), p99, format!("{p99:.2}")),
+            ("deliveries".into(), all.len() as f64, all.len().to_string()),
         ],
     })
 }
@@ -677,22 +644,7 @@ async fn consumer_throughput(node: &Node, events: u64, payload: usize) -> anyhow
         .await?;
 
     // Count WorkDone as the node stores it.
-    let mut client = node.client().await?;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(pb::SubscribeRequest {
-        request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
-            patterns: vec!["bench.work.done".into()],
-            auto_ack: true,
-            max_in_flight: 10_000,
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut done = client
-        .subscribe(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    done.message().await?;
+    let done = latency_subscriber(node, "bench.work.done", events, Instant::now()).await?;
 
     let start = Instant::now();
     let consumer = mesh
@@ -710,15 +662,14 @@ async fn consumer_throughput(node: &Node, events: u64, payload: usize) -> anyhow
         })
         .start()
         .await?;
-    let mut seen = 0;
-    while seen < events {
-        match tokio::time::timeout(Duration::from_secs(60), done.message()).await {
-            Ok(Ok(Some(_))) => seen += 1,
-            _ => bail!("WorkDone stopped arriving after {seen} of {events}"),
-        }
+    let seen = tokio::time::timeout(Duration::from_secs(120), done)
+        .await
+        .context("WorkDone stopped arriving")??
+        .len() as u64;
+    if seen < events {
+        bail!("WorkDone stopped arriving after {seen} of {events}");
     }
     let secs = start.elapsed().as_secs_f64();
-    drop(tx);
     consumer.stop().await?;
     let rate = events as f64 / secs;
     Ok(Row {
