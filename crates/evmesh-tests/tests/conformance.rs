@@ -257,16 +257,21 @@ async fn competing_members_split_events(backend: Backend) {
         .collect();
     publish_stream(&mut client, events).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
+    // Each member takes events until all 200 are seen, and stays subscribed until
+    // both are done, so that nothing it holds is redelivered to the other.
     let run = |mut sub: Sub, seen: Arc<Mutex<Vec<u64>>>| async move {
         let mut mine = 0;
-        while let Some(d) = sub.try_next(Duration::from_millis(500)).await {
-            seen.lock().unwrap().push(d.sequence);
-            sub.ack(&[d.sequence]).await;
-            mine += 1;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while seen.lock().unwrap().len() < 200 && tokio::time::Instant::now() < deadline {
+            if let Some(d) = sub.try_next(Duration::from_millis(50)).await {
+                seen.lock().unwrap().push(d.sequence);
+                sub.ack(&[d.sequence]).await;
+                mine += 1;
+            }
         }
-        mine
+        (mine, sub)
     };
-    let (na, nb) = tokio::join!(run(a, seen.clone()), run(b, seen.clone()));
+    let ((na, _a), (nb, _b)) = tokio::join!(run(a, seen.clone()), run(b, seen.clone()));
     let seen = seen.lock().unwrap().clone();
     let unique: BTreeSet<_> = seen.iter().copied().collect();
     assert_eq!(seen.len(), 200, "each event delivered once");
@@ -494,7 +499,14 @@ async fn per_aggregate_order(backend: Backend) {
             .unwrap();
         let (busy, order) = (busy.clone(), order.clone());
         members.push(tokio::spawn(async move {
-            while let Some(d) = sub.try_next(Duration::from_millis(800)).await {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            let all_seen = |order: &Mutex<HashMap<String, Vec<u64>>>| {
+                order.lock().unwrap().values().map(Vec::len).sum::<usize>() >= AGGREGATES * PER
+            };
+            while !all_seen(&order) && tokio::time::Instant::now() < deadline {
+                let Some(d) = sub.try_next(Duration::from_millis(50)).await else {
+                    continue;
+                };
                 let e = d.event.unwrap();
                 assert!(
                     busy.lock().unwrap().insert(e.aggregate_id.clone()),
@@ -511,10 +523,14 @@ async fn per_aggregate_order(backend: Backend) {
                 busy.lock().unwrap().remove(&e.aggregate_id);
                 sub.ack(&[d.sequence]).await;
             }
+            // Stay subscribed until every member is done: a member that left with
+            // an ack still on the wire would have that event redelivered.
+            sub
         }));
     }
+    let mut subs = Vec::new();
     for m in members {
-        m.await.unwrap();
+        subs.push(m.await.unwrap());
     }
     let order = order.lock().unwrap();
     assert_eq!(order.len(), AGGREGATES);
@@ -563,12 +579,15 @@ async fn patterns_select_types(backend: Backend) {
     ];
     for (patterns, expected) in cases {
         let mut sub = Sub::open(&mut client, open(patterns)).await.unwrap();
-        let mut got = Vec::new();
-        while let Some(d) = sub.try_next(Duration::from_millis(150)).await {
-            sub.ack(&[d.sequence]).await;
-            got.push(d.event.unwrap().r#type);
-        }
+        let got: Vec<String> = sub
+            .take_acked(expected.len())
+            .await
+            .into_iter()
+            .map(|d| d.event.unwrap().r#type)
+            .collect();
         assert_eq!(&got, expected, "patterns {patterns:?}");
+        let extra = sub.try_next(Duration::from_millis(200)).await;
+        assert!(extra.is_none(), "patterns {patterns:?} also got {extra:?}");
     }
 }
 
@@ -583,12 +602,14 @@ async fn version_requirement_filters(backend: Backend) {
     let mut sub = Sub::open(&mut client, open(&["shop.order.placed@^1"]))
         .await
         .unwrap();
-    let mut got = Vec::new();
-    while let Some(d) = sub.try_next(Duration::from_millis(150)).await {
-        sub.ack(&[d.sequence]).await;
-        got.push(d.event.unwrap().schema_version);
-    }
+    let got: Vec<String> = sub
+        .take_acked(2)
+        .await
+        .into_iter()
+        .map(|d| d.event.unwrap().schema_version)
+        .collect();
     assert_eq!(got, ["1.0.0", "1.4.2"]);
+    assert!(sub.try_next(Duration::from_millis(200)).await.is_none());
 }
 
 async fn chain_in_order_with_causation(backend: Backend) {
@@ -686,7 +707,8 @@ async fn start_positions(backend: Backend) {
     for _ in 0..2 {
         publish(&mut client, event("shop.order.placed")).await;
     }
-    let first_of = |position: pb::start_position::Position| {
+    use pb::start_position::Position as P;
+    let first_of = |position: P| {
         let mut client = client.clone();
         async move {
             let mut o = open(&["shop.>"]);
@@ -694,12 +716,15 @@ async fn start_positions(backend: Backend) {
                 position: Some(position),
             });
             let mut sub = Sub::open(&mut client, o).await.unwrap();
-            sub.try_next(Duration::from_millis(300))
-                .await
-                .map(|d| d.sequence)
+            // Latest gets nothing: wait briefly; the others get an event: wait long.
+            let wait = if matches!(position, P::Latest(())) {
+                Duration::from_millis(300)
+            } else {
+                PATIENCE
+            };
+            sub.try_next(wait).await.map(|d| d.sequence)
         }
     };
-    use pb::start_position::Position as P;
     assert_eq!(first_of(P::Earliest(())).await, Some(1));
     assert_eq!(first_of(P::Sequence(4)).await, Some(4));
     assert_eq!(first_of(P::Time(between.into())).await, Some(4));
@@ -747,10 +772,14 @@ async fn bounded_in_flight(backend: Backend) {
     let events: Vec<_> = (0..20).map(|_| event("shop.order.placed")).collect();
     publish_stream(&mut client, events).await;
     let mut held = Vec::new();
-    while let Some(d) = sub.try_next(Duration::from_millis(300)).await {
-        held.push(d.sequence);
+    for _ in 0..3 {
+        held.push(sub.next().await.sequence);
     }
-    assert_eq!(held, [1, 2, 3], "no more than max_in_flight unacked");
+    assert_eq!(held, [1, 2, 3]);
+    assert!(
+        sub.try_next(Duration::from_millis(300)).await.is_none(),
+        "no more than max_in_flight unacked"
+    );
     sub.ack(&[1]).await;
     assert_eq!(sub.next().await.sequence, 4);
     let info = group_info(&mut client, "bounded").await;

@@ -336,6 +336,11 @@ impl Dispatcher {
                 biased;
                 _ = shutdown.changed() => break,
                 Some(member) = self.leave.recv() => {
+                    // Acks a member sent before it left count: apply them first, or
+                    // what it acked would be redelivered to the others.
+                    while let Ok((member, feedback)) = self.feedback.try_recv() {
+                        self.on_feedback(member, feedback);
+                    }
                     self.leave_member(member);
                     if !self.durable && self.members.is_empty() {
                         break;
