@@ -17,9 +17,16 @@ fn quick_run_prints_every_scenario_and_writes_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     for scenario in [
-        "durable publish, 1 stream(s)",
-        "durable publish, 16 stream(s)",
+        "evmesh durable publish, 1 stream(s)",
+        "evmesh durable publish, 16 stream(s)",
+        "ceiling: bare tonic echo, 4 stream(s)",
+        "JetStream async publish, 16 conn(s)",
         "publish-to-delivery at",
+        "fan-out to 100",
+        "consumer with inbox and outbox",
+        "stalled subscriber",
+        "start-up to SERVING, 10000 events",
+        "schema check, 200 messages",
     ] {
         assert!(
             stdout.contains(scenario),
@@ -29,7 +36,31 @@ fn quick_run_prints_every_scenario_and_writes_json() {
     let figures: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid json");
     let rows = figures.as_array().expect("an array of rows");
-    assert_eq!(rows.len(), 11);
+    assert_eq!(rows.len(), 20);
+    // Each validated publish row is set beside both references.
+    let publish: Vec<_> = rows
+        .iter()
+        .filter(|r| {
+            r["scenario"].as_str().is_some_and(|s| {
+                s.starts_with("evmesh durable publish") && !s.contains("no validation")
+            })
+        })
+        .collect();
+    assert_eq!(publish.len(), 3);
+    for row in publish {
+        assert!(
+            row["figures"]["vs ceiling"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0),
+            "{row}"
+        );
+        assert!(
+            row["figures"]["vs JetStream"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0),
+            "{row}"
+        );
+    }
     assert!(
         rows.iter()
             .all(|r| r["figures"].as_object().is_some_and(|f| !f.is_empty()))

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod check;
+pub mod fixtures;
 mod policy;
 mod schema;
 

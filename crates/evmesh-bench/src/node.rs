@@ -1,0 +1,239 @@
+//! The nodes under test: one in this process on runtime threads of its own, or one in
+//! a child process (this binary, run with `--serve-node`) whose memory and start-up
+//! can be read from the outside.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use evmesh_store::sqlite::{Config, SqliteStore};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// Serves a node over `data` on `listen` until standard input closes: what
+/// `evmesh serve --allow-unregistered` does, minus logging. The child half of
+/// [`NodeProcess`].
+pub fn serve_child(data: &Path, listen: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let store = SqliteStore::open(Config::new(data)).await?;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let (closed, stdin_closed) = oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            let _ = closed.send(());
+        });
+        let stdin_closed = async move {
+            let _ = stdin_closed.await;
+        };
+        evmesh_node::serve(store, unvalidated(), listener, stdin_closed).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Unregistered types pass unvalidated: the scenarios that measure validation
+/// register their schema first.
+fn unvalidated() -> evmesh_node::NodeConfig {
+    evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..evmesh_node::NodeConfig::default()
+    }
+}
+
+/// Where the node keeps its log: a temporary directory unless one was given.
+fn data_dir(data: Option<PathBuf>) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    Ok(match data {
+        Some(data) => (None, data),
+        None => {
+            let dir = tempfile::tempdir()?;
+            let data = dir.path().to_owned();
+            (Some(dir), data)
+        }
+    })
+}
+
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// A node on its own runtime in this process.
+pub struct Node {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Node {
+    pub fn start(data: Option<PathBuf>) -> anyhow::Result<Self> {
+        let (dir, data) = data_dir(data)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let store = SqliteStore::open(Config::new(&data)).await?;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let _ = ready_tx.send(listener.local_addr()?);
+                evmesh_node::serve(store, unvalidated(), listener, async move {
+                    let _ = stopped.await;
+                })
+                .await?;
+                Ok(())
+            })
+        });
+        let addr = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("the node did not start")?;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+            _dir: dir,
+        })
+    }
+
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => bail!("the node thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A node in a child process. Dropping it closes the child's standard input, which
+/// stops it gracefully; a child that outlives the grace period is killed.
+pub struct NodeProcess {
+    pub addr: SocketAddr,
+    child: Child,
+    /// From spawning the process to its health check answering SERVING.
+    pub started_in: Duration,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl NodeProcess {
+    pub async fn start(data: Option<PathBuf>) -> anyhow::Result<Self> {
+        let (dir, data) = data_dir(data)?;
+        // A free port, chosen here so that start-up counts from the spawn.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let began = Instant::now();
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve-node")
+            .arg(&data)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the node process")?;
+        match wait_serving(addr, &mut child).await {
+            Ok(()) => Ok(Self {
+                addr,
+                started_in: began.elapsed(),
+                child,
+                _dir: dir,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The child's resident set, in bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        rss_of(self.pid())
+    }
+
+    /// Stops the node gracefully and waits for it to exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> anyhow::Result<()> {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("the node process exited with {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("the node process did not stop within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if self.child.stdin.is_some() {
+            let _ = self.shut_down();
+        }
+    }
+}
+
+/// Polls the node's health until `evmesh.v1.Mesh` is SERVING.
+async fn wait_serving(addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the node process exited with {status} before serving");
+        }
+        if let Ok(channel) = connect(addr).await {
+            let request = HealthCheckRequest {
+                service: "evmesh.v1.Mesh".into(),
+            };
+            if let Ok(response) = HealthClient::new(channel).check(request).await
+                && response.into_inner().status == ServingStatus::Serving as i32
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the node process did not serve within 120 s");
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// A process's resident set, in bytes, from `/proc/PID/status`.
+pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    let field = "VmRSS:";
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
