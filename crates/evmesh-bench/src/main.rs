@@ -169,6 +169,11 @@ fn plan(args: &Args) -> Vec<Step> {
     steps
 }
 
+/// mimalloc: the node allocates and frees a few small buffers per event, and glibc's
+/// malloc was a fifth of its CPU time under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(data) = &args.serve_node {

@@ -30,6 +30,7 @@ suite!(
         round_trip,
         acked_events_survive_restart,
         duplicates_by_id,
+        duplicate_inside_a_large_batch,
         rejected_event_keeps_stream_alive,
         node_fills_id_time_and_correlation,
         group_resumes_after_restart,
@@ -139,6 +140,47 @@ async fn duplicates_by_id(backend: Backend) {
         .collect();
     assert_eq!(ids, ["dup-1", "dup-2"]);
     assert!(sub.try_next(Duration::from_millis(200)).await.is_none());
+}
+
+/// The store numbers fresh events itself and takes a slower path for a batch that
+/// holds a known id: the sequences stay dense around the duplicate and after it.
+async fn duplicate_inside_a_large_batch(backend: Backend) {
+    let node = TestNode::start(backend).await;
+    let mut client = node.client().await;
+    let first = publish(&mut client, event_with_id("shop.order.placed", "big-0")).await;
+    let events: Vec<_> = (1..1500)
+        .map(|i| {
+            let id = if i == 700 {
+                "big-0".to_owned()
+            } else {
+                format!("big-{i}")
+            };
+            event_with_id("shop.order.placed", &id)
+        })
+        .collect();
+    let responses = publish_stream(&mut client, events).await;
+    let acks: Vec<_> = responses.iter().map(ack_of).collect();
+    let mut expected = first.sequence;
+    for (i, ack) in (1..).zip(&acks) {
+        if i == 700 {
+            assert!(ack.duplicate, "{ack:?}");
+            assert_eq!(ack.sequence, first.sequence);
+        } else {
+            expected += 1;
+            assert!(!ack.duplicate, "{ack:?}");
+            assert_eq!(ack.sequence, expected, "event {i}");
+        }
+    }
+    let next = publish(&mut client, event("shop.order.placed")).await;
+    assert_eq!(next.sequence, expected + 1);
+    // The log holds each event once, in order, and survives a restart.
+    let node = node.restart().await;
+    let mut client = node.client().await;
+    let mut sub = Sub::open(&mut client, open(&[">"])).await.unwrap();
+    let got = sub.take_acked(1500).await;
+    let sequences: Vec<u64> = got.iter().map(|d| d.sequence).collect();
+    let dense: Vec<u64> = (first.sequence..=expected + 1).collect();
+    assert_eq!(sequences, dense);
 }
 
 async fn rejected_event_keeps_stream_alive(backend: Backend) {

@@ -278,6 +278,7 @@ impl SqliteStore {
             writer_rx,
             Arc::downgrade(&log),
             config.max_batch_events,
+            head,
         ));
         tracing::info!(path = %path.display(), head, "log opened");
         Ok(Self {
@@ -357,6 +358,9 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))
         .statement_cache_capacity(64)
+        // Statement journals (a multi-row INSERT may need to undo itself) stay in
+        // memory instead of spilling to a temporary file.
+        .pragma("temp_store", "memory")
         .disable_statement_logging()
 }
 

@@ -15,8 +15,27 @@ use super::dispatch::GroupRow;
 use super::{Log, seq_param, unix_ms};
 use crate::{Appended, Pattern, Result, StoreError, StoredEvent};
 
-/// Rows per multi-row INSERT. A few fixed sizes keep the prepared statements cached.
-const CHUNKS: [usize; 4] = [128, 32, 8, 1];
+/// Rows per multi-row INSERT. A few fixed sizes keep the prepared statements cached;
+/// the largest keeps a commit's round trips to the connection's thread few.
+const CHUNKS: [usize; 4] = [512, 64, 8, 1];
+
+/// The prepared INSERTs, one pair per chunk size.
+struct Inserts {
+    /// Rows with the sequences the writer assigns; fails whole on a known id.
+    fresh: Vec<(usize, String)>,
+    /// Rows whose ids may be known: skips those and returns what it inserted.
+    checked: Vec<(usize, String)>,
+}
+
+impl Inserts {
+    fn new() -> Self {
+        let rows = |sql: fn(usize) -> String| CHUNKS.iter().map(|&n| (n, sql(n))).collect();
+        Self {
+            fresh: rows(fresh_insert_sql),
+            checked: rows(checked_insert_sql),
+        }
+    }
+}
 
 pub(crate) enum WriteOp {
     Append {
@@ -114,13 +133,17 @@ fn weight(op: &WriteOp) -> usize {
     }
 }
 
+/// Runs the writer over `conn`, whose log ends at `head`.
 pub(crate) async fn run(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<WriteOp>,
     log: Weak<Log>,
     max_batch_events: usize,
+    head: u64,
 ) {
-    let inserts: Vec<(usize, String)> = CHUNKS.iter().map(|&n| (n, insert_sql(n))).collect();
+    let inserts = Inserts::new();
+    // The writer is the log's only writer: it numbers the events itself.
+    let mut next_seq = head + 1;
     let mut ops = Vec::new();
     let mut stopping = false;
     while !stopping {
@@ -137,7 +160,7 @@ pub(crate) async fn run(
             }
         }
         stopping = ops.iter().any(|op| matches!(op, WriteOp::Stop { .. }));
-        commit(&mut conn, ops.drain(..), &inserts, &log).await;
+        commit(&mut conn, ops.drain(..), &inserts, &log, &mut next_seq).await;
     }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the write connection");
@@ -147,16 +170,24 @@ pub(crate) async fn run(
 async fn commit(
     conn: &mut SqliteConnection,
     ops: impl Iterator<Item = WriteOp>,
-    inserts: &[(usize, String)],
+    inserts: &Inserts,
     log: &Weak<Log>,
+    next_seq: &mut u64,
 ) {
     let mut outcomes = Vec::new();
     let mut fresh = Vec::new();
+    let first_seq = *next_seq;
     let result: Result<()> = async {
         let mut tx = conn.begin().await?;
         let now = unix_ms(SystemTime::now());
+        let mut batch = Batch {
+            now,
+            inserts,
+            fresh: &mut fresh,
+            next_seq,
+        };
         for op in ops {
-            outcomes.push(apply(&mut tx, op, now, inserts, &mut fresh).await?);
+            outcomes.push(apply(&mut tx, op, &mut batch).await?);
         }
         tx.commit().await?;
         Ok(())
@@ -173,6 +204,7 @@ async fn commit(
             // Nothing of this batch is durable: every sender learns so; the ops that
             // did not get to run are dropped with their senders, which reads as
             // shutting down.
+            *next_seq = first_seq;
             let message = e.to_string();
             tracing::error!(error = %message, "commit failed");
             outcomes.into_iter().for_each(|o| o.fail(&message));
@@ -180,7 +212,12 @@ async fn commit(
     }
 }
 
-fn insert_sql(rows: usize) -> String {
+fn fresh_insert_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
+    format!("INSERT INTO events (seq, id, correlation_id, appended_at, envelope) VALUES {values}")
+}
+
+fn checked_insert_sql(rows: usize) -> String {
     let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
     format!(
         "INSERT INTO events (id, correlation_id, appended_at, envelope) VALUES {values} \
@@ -188,16 +225,21 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-async fn apply(
-    tx: &mut SqliteConnection,
-    op: WriteOp,
+/// What the ops of one transaction share.
+struct Batch<'a> {
     now: i64,
-    inserts: &[(usize, String)],
-    fresh: &mut Vec<Arc<StoredEvent>>,
-) -> Result<Outcome> {
+    inserts: &'a Inserts,
+    /// The events appended, for the recent ring once committed.
+    fresh: &'a mut Vec<Arc<StoredEvent>>,
+    /// The sequence the next appended event gets.
+    next_seq: &'a mut u64,
+}
+
+async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) -> Result<Outcome> {
+    let now = batch.now;
     Ok(match op {
         WriteOp::Append { events, reply } => {
-            let acks = append(tx, events, now, inserts, fresh).await?;
+            let acks = append(tx, events, batch).await?;
             Outcome::Appended(reply, acks)
         }
         WriteOp::CreateGroup { row, reply } => {
@@ -281,61 +323,107 @@ async fn apply(
 async fn append(
     tx: &mut SqliteConnection,
     events: Vec<Event>,
-    now: i64,
-    inserts: &[(usize, String)],
-    fresh: &mut Vec<Arc<StoredEvent>>,
+    batch: &mut Batch<'_>,
 ) -> Result<Vec<Appended>> {
     let envelopes: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
-    let mut acks: Vec<Option<Appended>> = vec![None; events.len()];
+    let mut acks: Vec<Appended> = Vec::with_capacity(events.len());
     let mut start = 0;
     while start < events.len() {
         let left = events.len() - start;
-        let Some((rows, sql)) = inserts.iter().find(|(n, _)| *n <= left) else {
+        let Some(&(rows, ref sql)) = batch.inserts.fresh.iter().find(|(n, _)| *n <= left) else {
             break;
         };
         let range = start..start + rows;
+        // Fast path: ids are new (the node makes most of them), so the rows take the
+        // next sequences as they come.
         let mut query = sqlx::query(sql);
-        for i in range.clone() {
+        for (offset, i) in range.clone().enumerate() {
             query = query
+                .bind(seq_param(*batch.next_seq + offset as u64))
                 .bind(&events[i].id)
                 .bind(&events[i].correlation_id)
-                .bind(now)
+                .bind(batch.now)
                 .bind(&envelopes[i][..]);
         }
-        let returned = query.fetch_all(&mut *tx).await?;
-        let mut inserted: HashMap<&str, i64> = returned
-            .iter()
-            .map(|row| (row.get::<&str, _>(1), row.get::<i64, _>(0)))
-            .collect();
-        for i in range {
-            acks[i] = Some(match inserted.remove(events[i].id.as_str()) {
-                Some(seq) => Appended {
-                    sequence: u64::try_from(seq).unwrap_or(0),
+        match query.execute(&mut *tx).await {
+            Ok(_) => {
+                acks.extend((0..rows as u64).map(|offset| Appended {
+                    sequence: *batch.next_seq + offset,
                     duplicate: false,
-                },
-                None => {
-                    // Already in the log, or earlier in this same transaction.
-                    let seq: i64 = sqlx::query_scalar("SELECT seq FROM events WHERE id = ?")
-                        .bind(&events[i].id)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    Appended {
-                        sequence: u64::try_from(seq).unwrap_or(0),
-                        duplicate: true,
-                    }
-                }
-            });
+                }));
+                *batch.next_seq += rows as u64;
+            }
+            // A known id: SQLite has undone this statement alone; the chunk goes
+            // again, skipping what the log already has.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let checked = &batch.inserts.checked;
+                let Some((_, sql)) = checked.iter().find(|(n, _)| *n == rows) else {
+                    break;
+                };
+                acks.extend(
+                    append_checked(tx, &events[range], &envelopes[start..], sql, batch).await?,
+                );
+            }
+            Err(e) => return Err(e.into()),
         }
         start += rows;
     }
-    let acks: Vec<Appended> = acks.into_iter().flatten().collect();
     for (event, ack) in events.into_iter().zip(&acks) {
         if !ack.duplicate {
-            fresh.push(Arc::new(StoredEvent {
+            batch.fresh.push(Arc::new(StoredEvent {
                 sequence: ack.sequence,
                 event,
             }));
         }
+    }
+    Ok(acks)
+}
+
+/// Inserts the events whose ids are not in the log yet; the others are acked with
+/// the sequence they already have.
+async fn append_checked(
+    tx: &mut SqliteConnection,
+    events: &[Event],
+    envelopes: &[Vec<u8>],
+    sql: &str,
+    batch: &mut Batch<'_>,
+) -> Result<Vec<Appended>> {
+    let mut query = sqlx::query(sql);
+    for (event, envelope) in events.iter().zip(envelopes) {
+        query = query
+            .bind(&event.id)
+            .bind(&event.correlation_id)
+            .bind(batch.now)
+            .bind(&envelope[..]);
+    }
+    let returned = query.fetch_all(&mut *tx).await?;
+    let mut inserted: HashMap<&str, i64> = returned
+        .iter()
+        .map(|row| (row.get::<&str, _>(1), row.get::<i64, _>(0)))
+        .collect();
+    let mut acks = Vec::with_capacity(events.len());
+    for event in events {
+        acks.push(match inserted.remove(event.id.as_str()) {
+            Some(seq) => {
+                let sequence = u64::try_from(seq).unwrap_or(0);
+                *batch.next_seq = (*batch.next_seq).max(sequence + 1);
+                Appended {
+                    sequence,
+                    duplicate: false,
+                }
+            }
+            None => {
+                // Already in the log, or earlier in this same transaction.
+                let seq: i64 = sqlx::query_scalar("SELECT seq FROM events WHERE id = ?")
+                    .bind(&event.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                Appended {
+                    sequence: u64::try_from(seq).unwrap_or(0),
+                    duplicate: true,
+                }
+            }
+        });
     }
     Ok(acks)
 }
