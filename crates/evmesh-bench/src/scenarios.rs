@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -292,10 +292,11 @@ impl RssPeak {
 }
 
 /// Subscribers that never ack: a durable group member that reads its deliveries
-/// and drops them, and an ephemeral subscriber that reads nothing at all. Returned
-/// so that they live as long as the caller holds them.
+/// (counted in `received`) and drops them, and an ephemeral subscriber that reads
+/// nothing at all. They live as long as the returned value.
 async fn stalled_subscribers(
     addr: SocketAddr,
+    received: Arc<AtomicU64>,
 ) -> anyhow::Result<Vec<Box<dyn std::any::Any + Send>>> {
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     for group in ["stalled", ""] {
@@ -308,8 +309,12 @@ async fn stalled_subscribers(
         if group.is_empty() {
             held.push(Box::new((tx, stream)));
         } else {
-            let reader =
-                tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
+            let received = received.clone();
+            let reader = tokio::spawn(async move {
+                while let Ok(Some(_)) = stream.message().await {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            });
             held.push(Box::new((tx, AbortOnDrop(reader))));
         }
     }
@@ -324,36 +329,59 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The node's RSS growth (peak minus the figure after a warm-up) while `events`
-/// are published, in MiB.
-async fn rss_growth(stalled: bool, events: u64, payload: usize) -> anyhow::Result<f64> {
+/// How a node's RSS grew while events were published, from its RSS after a warm-up
+/// of up to 200,000 events that fills its caches and pools.
+struct Growth {
+    /// The peak while publishing, in MiB.
+    peak: f64,
+    /// What remained once publishing was over, in MiB.
+    after: f64,
+    /// Deliveries the stalled group member took.
+    received: u64,
+}
+
+async fn rss_growth(stalled: bool, events: u64, payload: usize) -> anyhow::Result<Growth> {
     let node = NodeProcess::start(None).await?;
+    let received = Arc::new(AtomicU64::new(0));
     let held = if stalled {
-        stalled_subscribers(node.addr).await?
+        stalled_subscribers(node.addr, received.clone()).await?
     } else {
         Vec::new()
     };
-    // The warm-up fills the recent-event ring, the page caches and the buffers.
-    let warm = 20_000.min(events);
+    let warm = 200_000.min(events);
     publish_streams(node.addr, "bench.stall.tick", 1, warm, payload).await?;
     let before = node.rss()?;
     let peak = RssPeak::start(&node);
     publish_streams(node.addr, "bench.stall.tick", 1, events, payload).await?;
     let peak = peak.finish().await?;
+    // What stays once the publishing is over, the stalled subscribers still there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = node.rss()?;
     drop(held);
     node.stop()?;
-    Ok(peak.saturating_sub(before) as f64 / (1024.0 * 1024.0))
+    let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+    Ok(Growth {
+        peak: mib(peak as i64 - before as i64),
+        after: mib(after as i64 - before as i64),
+        received: received.load(Ordering::Relaxed),
+    })
 }
 
 /// A stalled subscriber: the node's RSS growth while `events` are published, with
-/// subscribers that never ack and without any, in separate node processes.
+/// subscribers that never ack and without any, in separate node processes. The
+/// difference is what the stalled subscribers cost.
 pub async fn stalled(events: u64, payload: usize) -> anyhow::Result<Row> {
     let with = rss_growth(true, events, payload).await?;
     let without = rss_growth(false, events, payload).await?;
+    if with.received == 0 {
+        bail!("the stalled group member got no deliveries: it was not subscribed");
+    }
     Ok(Row::new(format!("stalled subscriber, {events} events"))
-        .figure("RSS growth MiB", with, 1)
-        .figure("without subscribers MiB", without, 1)
-        .figure("cost MiB", with - without, 1))
+        .figure("peak growth MiB", with.peak, 1)
+        .figure("without subscribers MiB", without.peak, 1)
+        .figure("cost MiB", with.peak - without.peak, 1)
+        .figure("kept after MiB", with.after, 1)
+        .figure("stalled deliveries", with.received as f64, 0))
 }
 
 /// Appends events to the log in `data` until it holds `to`.

@@ -335,13 +335,14 @@ async fn append(
         };
         let range = start..start + rows;
         // Fast path: ids are new (the node makes most of them), so the rows take the
-        // next sequences as they come.
+        // next sequences as they come. Text is bound as &str, which sqlx borrows
+        // (a &String it would copy).
         let mut query = sqlx::query(sql);
         for (offset, i) in range.clone().enumerate() {
             query = query
                 .bind(seq_param(*batch.next_seq + offset as u64))
-                .bind(&events[i].id)
-                .bind(&events[i].correlation_id)
+                .bind(events[i].id.as_str())
+                .bind(events[i].correlation_id.as_str())
                 .bind(batch.now)
                 .bind(&envelopes[i][..]);
         }
@@ -391,8 +392,8 @@ async fn append_checked(
     let mut query = sqlx::query(sql);
     for (event, envelope) in events.iter().zip(envelopes) {
         query = query
-            .bind(&event.id)
-            .bind(&event.correlation_id)
+            .bind(event.id.as_str())
+            .bind(event.correlation_id.as_str())
             .bind(batch.now)
             .bind(&envelope[..]);
     }
@@ -415,7 +416,7 @@ async fn append_checked(
             None => {
                 // Already in the log, or earlier in this same transaction.
                 let seq: i64 = sqlx::query_scalar("SELECT seq FROM events WHERE id = ?")
-                    .bind(&event.id)
+                    .bind(event.id.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
                 Appended {
