@@ -108,7 +108,8 @@ struct Sizes {
     events: u64,
     seconds: u64,
     stall_events: u64,
-    startup_events: Vec<u64>,
+    /// Runs with and without the stalled subscribers, for the medians.
+    stall_pairs: usize,
     rate_divisor: u64,
     fanout_seconds: u64,
     schema_runs: u32,
@@ -194,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             events: 2_000,
             seconds: 1,
             stall_events: 2_000,
-            startup_events: vec![1_000, 10_000],
+            stall_pairs: 1,
             rate_divisor: 10,
             fanout_seconds: 1,
             schema_runs: 5,
@@ -204,13 +205,12 @@ fn main() -> anyhow::Result<()> {
             events: args.events,
             seconds: args.seconds,
             stall_events: args.stall_events,
-            startup_events: args.startup_events.clone(),
+            stall_pairs: 3,
             rate_divisor: 1,
             fanout_seconds: 3,
             schema_runs: 200,
         }
     };
-    let _ = &sizes.startup_events;
     let steps = plan(&args);
     let progress = ProgressBar::new(steps.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed:>4} {msg}")
@@ -279,7 +279,9 @@ fn main() -> anyhow::Result<()> {
                         .await?
                 }
                 Step::Consumer => scenarios::consumer(&node, sizes.events / 4, payload).await?,
-                Step::Stall => scenarios::stalled(sizes.stall_events, payload).await?,
+                Step::Stall => {
+                    scenarios::stalled(sizes.stall_events, payload, sizes.stall_pairs).await?
+                }
                 Step::Startup { events } => {
                     scenarios::startup(startup_dir.path(), events, payload).await?
                 }

@@ -266,6 +266,12 @@ impl SqliteStore {
         sqlx::query(&format!("PRAGMA wal_autocheckpoint = {pages}"))
             .execute(&mut conn)
             .await?;
+        // A page cache that holds a whole group commit (4096 events of a few
+        // hundred bytes, and the index pages they touch), so that a commit does not
+        // spill dirty pages to the WAL before it ends, nor read back what it evicted.
+        sqlx::query("PRAGMA cache_size = -16384")
+            .execute(&mut conn)
+            .await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(config.readers.max(1))
             .min_connections(1)

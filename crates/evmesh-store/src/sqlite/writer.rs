@@ -21,7 +21,8 @@ const CHUNKS: [usize; 4] = [512, 64, 8, 1];
 
 /// The prepared INSERTs, one pair per chunk size.
 struct Inserts {
-    /// Rows with the sequences the writer assigns; fails whole on a known id.
+    /// Rows with the sequences the writer assigns; stops at a known id, keeping the
+    /// rows before it.
     fresh: Vec<(usize, String)>,
     /// Rows whose ids may be known: skips those and returns what it inserted.
     checked: Vec<(usize, String)>,
@@ -214,7 +215,9 @@ async fn commit(
 
 fn fresh_insert_sql(rows: usize) -> String {
     let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
-    format!("INSERT INTO events (seq, id, correlation_id, appended_at, envelope) VALUES {values}")
+    format!(
+        "INSERT OR FAIL INTO events (seq, id, correlation_id, appended_at, envelope) VALUES {values}"
+    )
 }
 
 fn checked_insert_sql(rows: usize) -> String {
@@ -346,26 +349,27 @@ async fn append(
                 .bind(batch.now)
                 .bind(&envelopes[i][..]);
         }
-        match query.execute(&mut *tx).await {
-            Ok(_) => {
-                acks.extend((0..rows as u64).map(|offset| Appended {
-                    sequence: *batch.next_seq + offset,
-                    duplicate: false,
-                }));
-                *batch.next_seq += rows as u64;
-            }
-            // A known id: SQLite has undone this statement alone; the chunk goes
-            // again, skipping what the log already has.
+        let fresh = match query.execute(&mut *tx).await {
+            Ok(_) => rows,
+            // A known id: OR FAIL keeps the rows before it (no statement journal is
+            // needed to undo them); the rest of the chunk goes the slow way.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                let checked = &batch.inserts.checked;
-                let Some((_, sql)) = checked.iter().find(|(n, _)| *n == rows) else {
-                    break;
-                };
-                acks.extend(
-                    append_checked(tx, &events[range], &envelopes[start..], sql, batch).await?,
-                );
+                let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let kept = u64::try_from(last).unwrap_or(0) + 1 - *batch.next_seq;
+                usize::try_from(kept).unwrap_or(0).min(rows)
             }
             Err(e) => return Err(e.into()),
+        };
+        acks.extend((0..fresh as u64).map(|offset| Appended {
+            sequence: *batch.next_seq + offset,
+            duplicate: false,
+        }));
+        *batch.next_seq += fresh as u64;
+        let rest = start + fresh..start + rows;
+        if !rest.is_empty() {
+            acks.extend(append_checked(tx, &events[rest.clone()], &envelopes[rest], batch).await?);
         }
         start += rows;
     }
@@ -386,45 +390,53 @@ async fn append_checked(
     tx: &mut SqliteConnection,
     events: &[Event],
     envelopes: &[Vec<u8>],
-    sql: &str,
     batch: &mut Batch<'_>,
 ) -> Result<Vec<Appended>> {
-    let mut query = sqlx::query(sql);
-    for (event, envelope) in events.iter().zip(envelopes) {
-        query = query
-            .bind(event.id.as_str())
-            .bind(event.correlation_id.as_str())
-            .bind(batch.now)
-            .bind(&envelope[..]);
-    }
-    let returned = query.fetch_all(&mut *tx).await?;
-    let mut inserted: HashMap<&str, i64> = returned
-        .iter()
-        .map(|row| (row.get::<&str, _>(1), row.get::<i64, _>(0)))
-        .collect();
     let mut acks = Vec::with_capacity(events.len());
-    for event in events {
-        acks.push(match inserted.remove(event.id.as_str()) {
-            Some(seq) => {
-                let sequence = u64::try_from(seq).unwrap_or(0);
-                *batch.next_seq = (*batch.next_seq).max(sequence + 1);
-                Appended {
-                    sequence,
-                    duplicate: false,
+    let mut start = 0;
+    while start < events.len() {
+        let left = events.len() - start;
+        let Some(&(rows, ref sql)) = batch.inserts.checked.iter().find(|(n, _)| *n <= left) else {
+            break;
+        };
+        let chunk = start..start + rows;
+        let mut query = sqlx::query(sql);
+        for i in chunk.clone() {
+            query = query
+                .bind(events[i].id.as_str())
+                .bind(events[i].correlation_id.as_str())
+                .bind(batch.now)
+                .bind(&envelopes[i][..]);
+        }
+        let returned = query.fetch_all(&mut *tx).await?;
+        let mut inserted: HashMap<&str, i64> = returned
+            .iter()
+            .map(|row| (row.get::<&str, _>(1), row.get::<i64, _>(0)))
+            .collect();
+        for event in &events[chunk] {
+            acks.push(match inserted.remove(event.id.as_str()) {
+                Some(seq) => {
+                    let sequence = u64::try_from(seq).unwrap_or(0);
+                    *batch.next_seq = (*batch.next_seq).max(sequence + 1);
+                    Appended {
+                        sequence,
+                        duplicate: false,
+                    }
                 }
-            }
-            None => {
-                // Already in the log, or earlier in this same transaction.
-                let seq: i64 = sqlx::query_scalar("SELECT seq FROM events WHERE id = ?")
-                    .bind(event.id.as_str())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                Appended {
-                    sequence: u64::try_from(seq).unwrap_or(0),
-                    duplicate: true,
+                None => {
+                    // Already in the log, or earlier in this same transaction.
+                    let seq: i64 = sqlx::query_scalar("SELECT seq FROM events WHERE id = ?")
+                        .bind(event.id.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    Appended {
+                        sequence: u64::try_from(seq).unwrap_or(0),
+                        duplicate: true,
+                    }
                 }
-            }
-        });
+            });
+        }
+        start += rows;
     }
     Ok(acks)
 }
