@@ -175,6 +175,31 @@ fn plan(args: &Args) -> Vec<Step> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A node with the bench payload's schema registered, for the steps that use one.
+async fn fresh_node(step: &Step, data: Option<PathBuf>) -> anyhow::Result<Option<Node>> {
+    if matches!(
+        step,
+        Step::Ceiling { .. } | Step::JetStream { .. } | Step::Stall | Step::Startup { .. }
+    ) {
+        return Ok(None);
+    }
+    let node = Node::start(data)?;
+    for ty in [
+        "bench.order.placed",
+        "bench.latency.tick",
+        "bench.fanout.tick",
+    ] {
+        scenarios::register(node.addr, ty).await?;
+    }
+    Ok(Some(node))
+}
+
+/// Flushes the machine's dirty pages (`sync`), so that a step's fsyncs do not wait
+/// behind the write-back of the step before.
+fn settle() {
+    let _ = std::process::Command::new("sync").status();
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(data) = &args.serve_node {
@@ -218,7 +243,6 @@ fn main() -> anyhow::Result<()> {
     );
     progress.enable_steady_tick(Duration::from_millis(200));
 
-    let node = Node::start(args.data.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -226,21 +250,25 @@ fn main() -> anyhow::Result<()> {
     let payload = args.payload;
     let rows = runtime.block_on(async {
         let mut rows: Vec<Row> = Vec::new();
-        for ty in [
-            "bench.order.placed",
-            "bench.latency.tick",
-            "bench.fanout.tick",
-        ] {
-            scenarios::register(node.addr, ty).await?;
-        }
         let mut ceiling_addr = None;
         let mut nats = None;
         let startup_dir = tempfile::tempdir()?;
         for step in &steps {
             progress.set_message(step.label());
+            // Each step starts on a quiet disk: what earlier steps (and JetStream,
+            // which flushes on its own schedule) left dirty is written back first.
+            if !matches!(step, Step::JetStream { .. }) {
+                nats = None;
+            }
+            settle();
+            // Each step that needs the node gets a fresh one (a new group reads
+            // the log from its start: it should not read what earlier steps left).
+            let node = fresh_node(step, args.data.clone()).await?;
+            let node = node.as_ref();
+            let node = || node.ok_or_else(|| anyhow::anyhow!("no node for {}", step.label()));
             let row = match *step {
                 Step::Publish { streams, validated } => {
-                    scenarios::publish(&node, streams, sizes.events, payload, validated).await?
+                    scenarios::publish(node()?, streams, sizes.events, payload, validated).await?
                 }
                 Step::Ceiling { streams } => {
                     let addr = match ceiling_addr {
@@ -271,21 +299,21 @@ fn main() -> anyhow::Result<()> {
                         continue;
                     };
                     let rate = (rate / sizes.rate_divisor).max(1);
-                    scenarios::delivery_latency(&node, rate, sizes.seconds, payload).await?
+                    scenarios::delivery_latency(node()?, rate, sizes.seconds, payload).await?
                 }
                 Step::FanOut { subscribers, rate } => {
                     let rate = rate / sizes.rate_divisor;
-                    scenarios::fan_out(&node, subscribers, rate, sizes.fanout_seconds, payload)
+                    scenarios::fan_out(node()?, subscribers, rate, sizes.fanout_seconds, payload)
                         .await?
                 }
-                Step::Consumer => scenarios::consumer(&node, sizes.events / 4, payload).await?,
+                Step::Consumer => scenarios::consumer(node()?, sizes.events / 4, payload).await?,
                 Step::Stall => {
                     scenarios::stalled(sizes.stall_events, payload, sizes.stall_pairs).await?
                 }
                 Step::Startup { events } => {
                     scenarios::startup(startup_dir.path(), events, payload).await?
                 }
-                Step::Schema => scenarios::schema_check(&node, sizes.schema_runs).await?,
+                Step::Schema => scenarios::schema_check(node()?, sizes.schema_runs).await?,
             };
             progress.inc(1);
             rows.push(row);
@@ -295,7 +323,6 @@ fn main() -> anyhow::Result<()> {
     progress.finish_and_clear();
     let mut rows = rows?;
     drop(runtime);
-    node.stop()?;
 
     report::add_ratios(&mut rows);
     report::print_table(&rows);

@@ -65,7 +65,7 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
         .await?)
 }
 
-/// A node on its own runtime in this process.
+/// A node on its own runtime in this process; dropping it stops it.
 pub struct Node {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -105,7 +105,7 @@ impl Node {
         })
     }
 
-    pub fn stop(mut self) -> anyhow::Result<()> {
+    fn shut_down(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -113,6 +113,14 @@ impl Node {
             Some(Ok(result)) => result,
             Some(Err(_)) => bail!("the node thread panicked"),
             None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.shut_down() {
+            eprintln!("stopping the node: {e:#}");
         }
     }
 }
