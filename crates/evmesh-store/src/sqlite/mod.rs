@@ -389,7 +389,14 @@ impl Store for SqliteStore {
         if events.is_empty() {
             let _ = reply.send(Ok(Vec::new()));
         } else {
-            self.log.write(WriteOp::Append { events, reply }).await?;
+            let envelopes = events.iter().map(Message::encode_to_vec).collect();
+            self.log
+                .write(WriteOp::Append {
+                    events,
+                    envelopes,
+                    reply,
+                })
+                .await?;
         }
         Ok(ticket)
     }

@@ -6,7 +6,6 @@ use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use evmesh_proto::v1::Event;
-use prost::Message;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -41,6 +40,8 @@ impl Inserts {
 pub(crate) enum WriteOp {
     Append {
         events: Vec<Event>,
+        /// Each event encoded, by the sender: off the writer's serial path.
+        envelopes: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<Vec<Appended>>>,
     },
     CreateGroup {
@@ -241,8 +242,12 @@ struct Batch<'a> {
 async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) -> Result<Outcome> {
     let now = batch.now;
     Ok(match op {
-        WriteOp::Append { events, reply } => {
-            let acks = append(tx, events, batch).await?;
+        WriteOp::Append {
+            events,
+            envelopes,
+            reply,
+        } => {
+            let acks = append(tx, events, &envelopes, batch).await?;
             Outcome::Appended(reply, acks)
         }
         WriteOp::CreateGroup { row, reply } => {
@@ -326,9 +331,9 @@ async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) ->
 async fn append(
     tx: &mut SqliteConnection,
     events: Vec<Event>,
+    envelopes: &[Vec<u8>],
     batch: &mut Batch<'_>,
 ) -> Result<Vec<Appended>> {
-    let envelopes: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
     let mut acks: Vec<Appended> = Vec::with_capacity(events.len());
     let mut start = 0;
     while start < events.len() {
