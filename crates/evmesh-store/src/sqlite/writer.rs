@@ -362,7 +362,7 @@ async fn append(
                 let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
                     .fetch_one(&mut *tx)
                     .await?;
-                let kept = u64::try_from(last).unwrap_or(0) + 1 - *batch.next_seq;
+                let kept = (u64::try_from(last).unwrap_or(0) + 1).saturating_sub(*batch.next_seq);
                 usize::try_from(kept).unwrap_or(0).min(rows)
             }
             Err(e) => return Err(e.into()),
