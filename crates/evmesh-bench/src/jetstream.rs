@@ -12,7 +12,8 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::load::WINDOW;
 
-/// A `nats-server` with JetStream over a temporary directory, stopped on drop.
+/// A `nats-server` with JetStream over a temporary directory, stopped on drop or
+/// when this process ends.
 pub struct NatsServer {
     addr: SocketAddr,
     child: Child,
@@ -23,17 +24,28 @@ impl NatsServer {
     pub async fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let child = Command::new("nats-server")
+        // Fail clearly when it is not installed.
+        Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .context(
+                "cannot run nats-server (Debian package nats-server; scripts/test installs it)",
+            )?;
+        // Under a shell that stops it once this process's end of its stdin closes,
+        // however this process ends.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"nats-server "$@" & pid=$!; trap 'kill $pid; wait $pid' EXIT; cat >/dev/null"#)
+            .arg("nats-server")
             .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
             .arg(addr.port().to_string())
             .arg("--store_dir")
             .arg(dir.path())
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context(
-                "cannot start nats-server (Debian package nats-server; scripts/test installs it)",
-            )?;
+            .context("starting nats-server")?;
         let server = Self {
             addr,
             child,
@@ -99,7 +111,8 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Closing its stdin ends the shell, whose exit stops nats-server.
+        drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
 }
