@@ -127,13 +127,12 @@ async fn publisher(
 ) -> anyhow::Result<u64> {
     let body = vec![0xab_u8; payload];
     let credits = std::sync::Arc::new(Semaphore::new(WINDOW));
-    let (tx, mut rx) = mpsc::channel(WINDOW);
+    let (tx, mut rx) = mpsc::channel::<jetstream::context::PublishAckFuture>(WINDOW);
     let acks = {
         let credits = credits.clone();
         tokio::spawn(async move {
             let mut acked = 0u64;
             while let Some(ack) = rx.recv().await {
-                let ack: jetstream::context::PublishAckFuture = ack;
                 ack.await.context("JetStream publish ack")?;
                 acked += 1;
                 credits.add_permits(1);

@@ -123,15 +123,11 @@ fn plan(args: &Args) -> Vec<Step> {
             steps.push(Step::Publish { streams, validated });
         }
     }
-    for streams in [1, 4, 16] {
-        if run("ceiling") {
-            steps.push(Step::Ceiling { streams });
-        }
+    if run("ceiling") {
+        steps.extend([1, 4, 16].map(|streams| Step::Ceiling { streams }));
     }
-    for streams in [1, 4, 16] {
-        if run("jetstream") {
-            steps.push(Step::JetStream { streams });
-        }
+    if run("jetstream") {
+        steps.extend([1, 4, 16].map(|streams| Step::JetStream { streams }));
     }
     if run("latency") {
         steps.push(Step::Latency { rate: Some(1_000) });
@@ -155,13 +151,13 @@ fn plan(args: &Args) -> Vec<Step> {
         steps.push(Step::Stall);
     }
     if run("startup") {
-        let mut sizes = args.startup_events.clone();
-        sizes.sort_unstable();
-        let sizes: Vec<u64> = if args.quick {
+        // Smallest first: each size fills the same log further.
+        let mut sizes = if args.quick {
             vec![1_000, 10_000]
         } else {
-            sizes
+            args.startup_events.clone()
         };
+        sizes.sort_unstable();
         steps.extend(sizes.into_iter().map(|events| Step::Startup { events }));
     }
     if run("schema") {
@@ -175,14 +171,10 @@ fn plan(args: &Args) -> Vec<Step> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// A node with the bench payload's schema registered, for the steps that use one.
-async fn fresh_node(step: &Step, data: Option<PathBuf>) -> anyhow::Result<Option<Node>> {
-    if matches!(
-        step,
-        Step::Ceiling { .. } | Step::JetStream { .. } | Step::Stall | Step::Startup { .. }
-    ) {
-        return Ok(None);
-    }
+/// A fresh node (over a new temporary directory unless `--data` names one) with the
+/// bench payload's schema registered: a new group reads the log from its start, so
+/// no step should read what an earlier one left.
+async fn fresh_node(data: Option<PathBuf>) -> anyhow::Result<Node> {
     let node = Node::start(data)?;
     for ty in [
         "bench.order.placed",
@@ -191,7 +183,7 @@ async fn fresh_node(step: &Step, data: Option<PathBuf>) -> anyhow::Result<Option
     ] {
         scenarios::register(node.addr, ty).await?;
     }
-    Ok(Some(node))
+    Ok(node)
 }
 
 /// Flushes the machine's dirty pages (`sync`), so that a step's fsyncs do not wait
@@ -261,14 +253,11 @@ fn main() -> anyhow::Result<()> {
                 nats = None;
             }
             settle();
-            // Each step that needs the node gets a fresh one (a new group reads
-            // the log from its start: it should not read what earlier steps left).
-            let node = fresh_node(step, args.data.clone()).await?;
-            let node = node.as_ref();
-            let node = || node.ok_or_else(|| anyhow::anyhow!("no node for {}", step.label()));
+            let node = || fresh_node(args.data.clone());
             let row = match *step {
                 Step::Publish { streams, validated } => {
-                    scenarios::publish(node()?, streams, sizes.events, payload, validated).await?
+                    scenarios::publish(&node().await?, streams, sizes.events, payload, validated)
+                        .await?
                 }
                 Step::Ceiling { streams } => {
                     let addr = match ceiling_addr {
@@ -299,21 +288,30 @@ fn main() -> anyhow::Result<()> {
                         continue;
                     };
                     let rate = (rate / sizes.rate_divisor).max(1);
-                    scenarios::delivery_latency(node()?, rate, sizes.seconds, payload).await?
+                    scenarios::delivery_latency(&node().await?, rate, sizes.seconds, payload)
+                        .await?
                 }
                 Step::FanOut { subscribers, rate } => {
                     let rate = rate / sizes.rate_divisor;
-                    scenarios::fan_out(node()?, subscribers, rate, sizes.fanout_seconds, payload)
-                        .await?
+                    scenarios::fan_out(
+                        &node().await?,
+                        subscribers,
+                        rate,
+                        sizes.fanout_seconds,
+                        payload,
+                    )
+                    .await?
                 }
-                Step::Consumer => scenarios::consumer(node()?, sizes.events / 4, payload).await?,
+                Step::Consumer => {
+                    scenarios::consumer(&node().await?, sizes.events / 4, payload).await?
+                }
                 Step::Stall => {
                     scenarios::stalled(sizes.stall_events, payload, sizes.stall_pairs).await?
                 }
                 Step::Startup { events } => {
                     scenarios::startup(startup_dir.path(), events, payload).await?
                 }
-                Step::Schema => scenarios::schema_check(node()?, sizes.schema_runs).await?,
+                Step::Schema => scenarios::schema_check(&node().await?, sizes.schema_runs).await?,
             };
             progress.inc(1);
             rows.push(row);

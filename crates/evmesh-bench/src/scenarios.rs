@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use evmesh_proto::v1 as pb;
 use evmesh_store::Store;
 use evmesh_store::sqlite::{Config, SqliteStore};
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::load::{
@@ -292,33 +293,35 @@ impl RssPeak {
 }
 
 /// Subscribers that never ack: a durable group member that reads its deliveries
-/// (counted in `received`) and drops them, and an ephemeral subscriber that reads
-/// nothing at all. They live as long as the returned value.
-async fn stalled_subscribers(
-    addr: SocketAddr,
-    received: Arc<AtomicU64>,
-) -> anyhow::Result<Vec<Box<dyn std::any::Any + Send>>> {
-    let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
-    for group in ["stalled", ""] {
-        let open = pb::SubscribeOpen {
+/// and drops them, and an ephemeral subscriber that reads nothing at all. They last
+/// as long as this value.
+struct Stalled {
+    _member: (mpsc::Sender<pb::SubscribeRequest>, AbortOnDrop),
+    _ephemeral: (
+        mpsc::Sender<pb::SubscribeRequest>,
+        tonic::Streaming<pb::SubscribeResponse>,
+    ),
+}
+
+impl Stalled {
+    /// Subscribes both; the member's deliveries are counted in `received`.
+    async fn subscribe(addr: SocketAddr, received: Arc<AtomicU64>) -> anyhow::Result<Self> {
+        let open = |group: &str| pb::SubscribeOpen {
             patterns: vec!["bench.>".into()],
             group: group.into(),
             ..Default::default()
         };
-        let (tx, mut stream) = subscribe(addr, open).await?;
-        if group.is_empty() {
-            held.push(Box::new((tx, stream)));
-        } else {
-            let received = received.clone();
-            let reader = tokio::spawn(async move {
-                while let Ok(Some(_)) = stream.message().await {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-            held.push(Box::new((tx, AbortOnDrop(reader))));
-        }
+        let (member_tx, mut member) = subscribe(addr, open("stalled")).await?;
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(_)) = member.message().await {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(Self {
+            _member: (member_tx, AbortOnDrop(reader)),
+            _ephemeral: subscribe(addr, open("")).await?,
+        })
     }
-    Ok(held)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -344,9 +347,9 @@ async fn rss_growth(stalled: bool, events: u64, payload: usize) -> anyhow::Resul
     let node = NodeProcess::start(None).await?;
     let received = Arc::new(AtomicU64::new(0));
     let held = if stalled {
-        stalled_subscribers(node.addr, received.clone()).await?
+        Some(Stalled::subscribe(node.addr, received.clone()).await?)
     } else {
-        Vec::new()
+        None
     };
     let warm = 200_000.min(events);
     publish_streams(node.addr, "bench.stall.tick", 1, warm, payload).await?;

@@ -229,6 +229,15 @@ fn checked_insert_sql(rows: usize) -> String {
     )
 }
 
+/// The largest chunk of at most `left` rows, and its statement (there is always
+/// one while `left` ≥ 1: every list ends with 1).
+fn largest_chunk(inserts: &[(usize, String)], left: usize) -> Option<(usize, &str)> {
+    inserts
+        .iter()
+        .find(|(n, _)| *n <= left)
+        .map(|(n, sql)| (*n, sql.as_str()))
+}
+
 /// What the ops of one transaction share.
 struct Batch<'a> {
     now: i64,
@@ -337,8 +346,7 @@ async fn append(
     let mut acks: Vec<Appended> = Vec::with_capacity(events.len());
     let mut start = 0;
     while start < events.len() {
-        let left = events.len() - start;
-        let Some(&(rows, ref sql)) = batch.inserts.fresh.iter().find(|(n, _)| *n <= left) else {
+        let Some((rows, sql)) = largest_chunk(&batch.inserts.fresh, events.len() - start) else {
             break;
         };
         let range = start..start + rows;
@@ -400,8 +408,7 @@ async fn append_checked(
     let mut acks = Vec::with_capacity(events.len());
     let mut start = 0;
     while start < events.len() {
-        let left = events.len() - start;
-        let Some(&(rows, ref sql)) = batch.inserts.checked.iter().find(|(n, _)| *n <= left) else {
+        let Some((rows, sql)) = largest_chunk(&batch.inserts.checked, events.len() - start) else {
             break;
         };
         let chunk = start..start + rows;
