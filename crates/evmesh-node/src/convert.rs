@@ -17,7 +17,10 @@ pub(crate) fn status(error: StoreError) -> Status {
             Status::unavailable(error.to_string())
         }
         StoreError::Corrupt { .. } => Status::data_loss(error.to_string()),
-        StoreError::Database(_) | StoreError::Migration(_) | StoreError::Io(_) => {
+        StoreError::Database(_)
+        | StoreError::Sqlite(_)
+        | StoreError::Migration(_)
+        | StoreError::Io(_) => {
             tracing::error!(error = %error, "store error");
             Status::internal(error.to_string())
         }

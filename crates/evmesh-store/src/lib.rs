@@ -145,6 +145,8 @@ pub enum StoreError {
     ShuttingDown,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt record at sequence {sequence}: {source}")]

@@ -1,7 +1,8 @@
-//! The embedded backend: one SQLite file in WAL mode through sqlx.
+//! The embedded backend: one SQLite file in WAL mode.
 //!
-//! One writer task owns the only write connection and commits whatever has queued
-//! up while the previous commit was running (group commit). Readers use a small
+//! One writer thread owns the only write connection (rusqlite) and commits whatever
+//! has queued up while the previous commit was running (group commit); a sync
+//! thread makes each commit durable before anyone hears of it. Readers use a small
 //! pool of read-only connections. Recently appended events are also kept in memory,
 //! so live subscribers are fed without touching the database. Each durable group
 //! (and each ephemeral subscription) is one dispatcher task that owns all of its
@@ -18,7 +19,7 @@ use prost::Message;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -29,6 +30,7 @@ use crate::{
 
 mod dispatch;
 mod migrations;
+mod sync;
 mod writer;
 
 use dispatch::{Command, GroupHandle, GroupRow};
@@ -67,7 +69,8 @@ pub struct SqliteStore {
     log: Arc<Log>,
     groups: Arc<Mutex<HashMap<String, GroupHandle>>>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    writer_task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Resolves once the writer thread has stopped.
+    writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
 }
 
 /// What every task of the store shares: the writer, readers, the head of the log
@@ -134,7 +137,7 @@ impl Log {
             .map_err(|_| StoreError::ShuttingDown)
     }
 
-    /// Called by the writer after a commit, in sequence order.
+    /// Called once a commit is durable, in sequence order.
     fn push_recent(&self, appended: Vec<Arc<StoredEvent>>) {
         let Some(last) = appended.last().map(|e| e.sequence) else {
             return;
@@ -161,12 +164,15 @@ impl Log {
                 return Ok(recent.events.iter().skip(skip).take(max).cloned().collect());
             }
         }
-        let rows =
-            sqlx::query("SELECT seq, envelope FROM events WHERE seq >= ? ORDER BY seq LIMIT ?")
-                .bind(seq_param(from))
-                .bind(i64::try_from(max).unwrap_or(i64::MAX))
-                .fetch_all(&self.pool)
-                .await?;
+        // Only up to the head: rows past it are committed but not yet durable.
+        let rows = sqlx::query(
+            "SELECT seq, envelope FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq_param(from))
+        .bind(seq_param(self.head()))
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows_to_events(rows)?.into_iter().map(Arc::new).collect())
     }
 
@@ -256,22 +262,6 @@ impl SqliteStore {
             .fetch_one(&mut conn)
             .await?;
         let head = u64::try_from(head).unwrap_or(0);
-        // The writer checkpoints every 4 MiB of WAL whatever the page size, as
-        // SQLite's default of 1000 pages does with 4 KiB ones: the commit that
-        // checkpoints stalls no longer than that copy.
-        let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
-            .fetch_one(&mut conn)
-            .await?;
-        let pages = (4 << 20) / page_size.max(512);
-        sqlx::query(&format!("PRAGMA wal_autocheckpoint = {pages}"))
-            .execute(&mut conn)
-            .await?;
-        // A page cache that holds a whole group commit (4096 events of a few
-        // hundred bytes, and the index pages they touch), so that a commit does not
-        // spill dirty pages to the WAL before it ends, nor read back what it evicted.
-        sqlx::query("PRAGMA cache_size = -16384")
-            .execute(&mut conn)
-            .await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(config.readers.max(1))
             .min_connections(1)
@@ -289,19 +279,23 @@ impl SqliteStore {
             recent_capacity: config.recent_events,
             shutdown: watch::Sender::new(false),
         });
-        let writer_task = tokio::spawn(writer::run(
-            conn,
+        // The writer opens its own connection (the pool keeps the WAL open
+        // meanwhile); the one that migrated is done.
+        let writer_conn = writer::open(&path)?;
+        conn.close().await?;
+        let writer_stopped = writer::spawn(
+            writer_conn,
             writer_rx,
             Arc::downgrade(&log),
             config.max_batch_events,
-            head,
-        ));
+            wal_path(&path),
+        )?;
         tracing::info!(path = %path.display(), head, "log opened");
         Ok(Self {
             log,
             groups: Arc::default(),
             tasks: Arc::default(),
-            writer_task: Arc::new(Mutex::new(Some(writer_task))),
+            writer_stopped: Arc::new(Mutex::new(Some(writer_stopped))),
         })
     }
 
@@ -366,11 +360,19 @@ impl SqliteStore {
     }
 }
 
+/// Where SQLite keeps the write-ahead log of the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
 fn connect_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
         .journal_mode(SqliteJournalMode::Wal)
-        // FULL: every commit is fsynced before its acks go out.
+        // FULL for the migrations; the writer commits with NORMAL and syncs the
+        // WAL itself before any ack goes out.
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))
         .statement_cache_capacity(64)
@@ -430,9 +432,10 @@ impl Store for SqliteStore {
 
     async fn chain(&self, correlation_id: &str, limit: usize) -> Result<Vec<StoredEvent>> {
         let rows = sqlx::query(
-            "SELECT seq, envelope FROM events WHERE correlation_id = ? ORDER BY seq LIMIT ?",
+            "SELECT seq, envelope FROM events WHERE correlation_id = ? AND seq <= ? ORDER BY seq LIMIT ?",
         )
         .bind(correlation_id)
+        .bind(seq_param(self.log.head()))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.log.pool)
         .await?;
@@ -535,8 +538,8 @@ impl Store for SqliteStore {
         if self.log.writer.send(WriteOp::Stop { reply }).await.is_ok() {
             let _ = done.await;
         }
-        if let Some(task) = self.writer_task.lock().await.take() {
-            let _ = task.await;
+        if let Some(stopped) = self.writer_stopped.lock().await.take() {
+            let _ = stopped.await;
         }
         self.log.pool.close().await;
         Ok(())

@@ -1,41 +1,24 @@
-//! The single writer: owns the write connection and commits everything that queued
-//! up while the previous commit ran, in one transaction (group commit).
+//! The single writer: a thread that owns the write connection and commits
+//! everything that queued up while the previous commit ran, in one transaction
+//! (group commit). Its commits go to the WAL without waiting for the disk;
+//! [`super::sync`] makes them durable and answers their senders while the writer
+//! runs the next group.
+//!
+//! The writer drives SQLite directly (rusqlite) rather than through sqlx: each
+//! event is one step of a cached prepared statement, with no hop to another thread
+//! and no copy of its bindings.
 
-use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use evmesh_proto::v1::Event;
-use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Row};
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::dispatch::GroupRow;
-use super::{Log, seq_param, unix_ms};
+use super::{Log, seq_param, sync, unix_ms};
 use crate::{Appended, Pattern, Result, StoreError, StoredEvent};
-
-/// Rows per multi-row INSERT. A few fixed sizes keep the prepared statements cached;
-/// the largest keeps a commit's round trips to the connection's thread few.
-const CHUNKS: [usize; 4] = [512, 64, 8, 1];
-
-/// The prepared INSERTs, one pair per chunk size.
-struct Inserts {
-    /// Rows with the sequences the writer assigns; stops at a known id, keeping the
-    /// rows before it.
-    fresh: Vec<(usize, String)>,
-    /// Rows whose ids may be known: skips those and returns what it inserted.
-    checked: Vec<(usize, String)>,
-}
-
-impl Inserts {
-    fn new() -> Self {
-        let rows = |sql: fn(usize) -> String| CHUNKS.iter().map(|&n| (n, sql(n))).collect();
-        Self {
-            fresh: rows(fresh_insert_sql),
-            checked: rows(checked_insert_sql),
-        }
-    }
-}
 
 pub(crate) enum WriteOp {
     Append {
@@ -93,8 +76,8 @@ pub(crate) struct DeadRow {
     pub dead_at: SystemTime,
 }
 
-/// What to tell the sender of an op once the transaction is committed.
-enum Outcome {
+/// What to tell the sender of an op once the transaction is durable.
+pub(crate) enum Outcome {
     Appended(oneshot::Sender<Result<Vec<Appended>>>, Vec<Appended>),
     Done(Option<oneshot::Sender<Result<()>>>),
     Sequences(oneshot::Sender<Result<Vec<u64>>>, Vec<u64>),
@@ -103,7 +86,7 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn fail(self, message: &str) {
+    pub(crate) fn fail(self, message: &str) {
         let err = || StoreError::CommitFailed(message.to_owned());
         match self {
             Outcome::Appended(reply, _) => drop(reply.send(Err(err()))),
@@ -115,7 +98,7 @@ impl Outcome {
         }
     }
 
-    fn succeed(self) {
+    pub(crate) fn succeed(self) {
         match self {
             Outcome::Appended(reply, acks) => drop(reply.send(Ok(acks))),
             Outcome::Done(Some(reply)) => drop(reply.send(Ok(()))),
@@ -135,21 +118,75 @@ fn weight(op: &WriteOp) -> usize {
     }
 }
 
-/// Runs the writer over `conn`, whose log ends at `head`.
-pub(crate) async fn run(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<WriteOp>,
+/// Opens the write connection to the log at `path` (created and migrated).
+pub(crate) fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    // Commits do not wait for the disk: the sync thread makes each one durable
+    // before its acks go out (see `sync`). Checkpoints still sync as they must.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // A checkpoint every 4 MiB of WAL whatever the page size, as SQLite's default
+    // of 1000 pages does with 4 KiB ones: the commit that checkpoints stalls no
+    // longer than that copy.
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+    conn.pragma_update(None, "wal_autocheckpoint", (4 << 20) / page_size.max(512))?;
+    // A page cache that holds a whole group commit (4096 events of a few hundred
+    // bytes, and the index pages they touch), so that a commit does not spill dirty
+    // pages to the WAL before it ends, nor read back what it evicted.
+    conn.pragma_update(None, "cache_size", -16384)?;
+    conn.pragma_update(None, "temp_store", "memory")?;
+    Ok(conn)
+}
+
+/// Starts the writer thread over `conn`, whose WAL is `wal`. The receiver resolves
+/// once the writer has stopped: after a [`WriteOp::Stop`], or once every sender of
+/// `rx` is gone.
+pub(crate) fn spawn(
+    conn: Connection,
+    rx: mpsc::Receiver<WriteOp>,
     log: Weak<Log>,
     max_batch_events: usize,
-    head: u64,
+    wal: PathBuf,
+) -> Result<oneshot::Receiver<()>> {
+    let failure = sync::Failure::default();
+    let (committed_tx, committed_rx) = mpsc::channel(sync::QUEUE);
+    let syncer = {
+        let (log, failure) = (log.clone(), failure.clone());
+        std::thread::Builder::new()
+            .name("evmesh-wal-sync".into())
+            .spawn(move || sync::run(wal, committed_rx, log, failure))?
+    };
+    let (stopped_tx, stopped) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("evmesh-writer".into())
+        .spawn(move || {
+            run(conn, rx, committed_tx, max_batch_events, &failure);
+            // Everything committed is synced and answered before the connection
+            // closes.
+            if syncer.join().is_err() {
+                tracing::error!("the WAL sync thread panicked");
+            }
+            let _ = stopped_tx.send(());
+        })?;
+    Ok(stopped)
+}
+
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<WriteOp>,
+    committed_tx: mpsc::Sender<sync::Committed>,
+    max_batch_events: usize,
+    failure: &sync::Failure,
 ) {
-    let inserts = Inserts::new();
-    // The writer is the log's only writer: it numbers the events itself.
-    let mut next_seq = head + 1;
     let mut ops = Vec::new();
     let mut stopping = false;
     while !stopping {
-        let Some(first) = rx.recv().await else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut size = weight(&first);
         ops.push(first);
         while size < max_batch_events {
@@ -162,128 +199,110 @@ pub(crate) async fn run(
             }
         }
         stopping = ops.iter().any(|op| matches!(op, WriteOp::Stop { .. }));
-        commit(&mut conn, ops.drain(..), &inserts, &log, &mut next_seq).await;
+        if let Some(message) = failure.get() {
+            ops.drain(..)
+                .map(WriteOp::unrun)
+                .for_each(|o| o.fail(message));
+            continue;
+        }
+        let Some(committed) = commit(&mut conn, ops.drain(..)) else {
+            continue;
+        };
+        if let Err(mpsc::error::SendError(c)) = committed_tx.blocking_send(committed) {
+            let message = failure.get_or_init(|| "the log's sync thread stopped".into());
+            c.outcomes.into_iter().for_each(|o| o.fail(message));
+        }
     }
-    if let Err(e) = conn.close().await {
-        tracing::warn!(error = %e, "closing the write connection");
+    drop(committed_tx);
+}
+
+impl WriteOp {
+    /// What the sender waits for, for an op that did not run.
+    fn unrun(self) -> Outcome {
+        match self {
+            WriteOp::Append { reply, .. } => Outcome::Appended(reply, Vec::new()),
+            WriteOp::CreateGroup { reply, .. } | WriteOp::PutSchema { reply, .. } => {
+                Outcome::Done(Some(reply))
+            }
+            WriteOp::Checkpoint(c) => Outcome::Done(c.reply),
+            WriteOp::UpdatePatterns { .. } => Outcome::Done(None),
+            WriteOp::Redrive { reply, .. } => Outcome::Sequences(reply, Vec::new()),
+            WriteOp::Purge { reply, .. } => Outcome::Count(reply, 0),
+            WriteOp::Stop { reply } => Outcome::Stop(reply),
+        }
     }
 }
 
-async fn commit(
-    conn: &mut SqliteConnection,
-    ops: impl Iterator<Item = WriteOp>,
-    inserts: &Inserts,
-    log: &Weak<Log>,
-    next_seq: &mut u64,
-) {
+/// Runs `ops` in one transaction. Committed, it is handed back to be synced before
+/// anyone hears of it; failed, every sender learns so now.
+fn commit(
+    conn: &mut Connection,
+    mut ops: impl Iterator<Item = WriteOp>,
+) -> Option<sync::Committed> {
     let mut outcomes = Vec::new();
     let mut fresh = Vec::new();
-    let first_seq = *next_seq;
-    let result: Result<()> = async {
-        let mut tx = conn.begin().await?;
+    let result: Result<()> = (|| {
+        let tx = conn.transaction()?;
         let now = unix_ms(SystemTime::now());
-        let mut batch = Batch {
-            now,
-            inserts,
-            fresh: &mut fresh,
-            next_seq,
-        };
-        for op in ops {
-            outcomes.push(apply(&mut tx, op, &mut batch).await?);
+        for op in ops.by_ref() {
+            outcomes.push(apply(&tx, op, now, &mut fresh)?);
         }
-        tx.commit().await?;
+        tx.commit()?;
         Ok(())
-    }
-    .await;
+    })();
     match result {
-        Ok(()) => {
-            if let Some(log) = log.upgrade() {
-                log.push_recent(fresh);
-            }
-            outcomes.into_iter().for_each(Outcome::succeed);
-        }
+        Ok(()) => Some(sync::Committed { outcomes, fresh }),
         Err(e) => {
-            // Nothing of this batch is durable: every sender learns so; the ops that
-            // did not get to run are dropped with their senders, which reads as
-            // shutting down.
-            *next_seq = first_seq;
+            // Nothing of this batch is in the log: every sender learns so, those
+            // whose ops did not get to run too.
             let message = e.to_string();
             tracing::error!(error = %message, "commit failed");
-            outcomes.into_iter().for_each(|o| o.fail(&message));
+            outcomes
+                .into_iter()
+                .chain(ops.map(WriteOp::unrun))
+                .for_each(|o| o.fail(&message));
+            None
         }
     }
 }
 
-fn fresh_insert_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
-    format!(
-        "INSERT OR FAIL INTO events (seq, id, correlation_id, appended_at, envelope) VALUES {values}"
-    )
-}
-
-fn checked_insert_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
-    format!(
-        "INSERT INTO events (id, correlation_id, appended_at, envelope) VALUES {values} \
-         ON CONFLICT (id) DO NOTHING RETURNING seq, id"
-    )
-}
-
-/// The largest chunk of at most `left` rows, and its statement (there is always
-/// one while `left` ≥ 1: every list ends with 1).
-fn largest_chunk(inserts: &[(usize, String)], left: usize) -> Option<(usize, &str)> {
-    inserts
-        .iter()
-        .find(|(n, _)| *n <= left)
-        .map(|(n, sql)| (*n, sql.as_str()))
-}
-
-/// What the ops of one transaction share.
-struct Batch<'a> {
+fn apply(
+    tx: &Transaction<'_>,
+    op: WriteOp,
     now: i64,
-    inserts: &'a Inserts,
-    /// The events appended, for the recent ring once committed.
-    fresh: &'a mut Vec<Arc<StoredEvent>>,
-    /// The sequence the next appended event gets.
-    next_seq: &'a mut u64,
-}
-
-async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) -> Result<Outcome> {
-    let now = batch.now;
+    fresh: &mut Vec<Arc<StoredEvent>>,
+) -> Result<Outcome> {
     Ok(match op {
         WriteOp::Append {
             events,
             envelopes,
             reply,
         } => {
-            let acks = append(tx, events, &envelopes, batch).await?;
+            let acks = append(tx, events, &envelopes, now, fresh)?;
             Outcome::Appended(reply, acks)
         }
         WriteOp::CreateGroup { row, reply } => {
-            sqlx::query(
+            tx.prepare_cached(
                 "INSERT INTO groups (name, patterns, ack_timeout_ms, max_deliveries, ack_floor, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&row.name)
-            .bind(GroupRow::patterns_sql(&row.patterns))
-            .bind(i64::try_from(row.ack_timeout.as_millis()).unwrap_or(i64::MAX))
-            .bind(i64::from(row.max_deliveries))
-            .bind(seq_param(row.ack_floor))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                row.name,
+                GroupRow::patterns_sql(&row.patterns),
+                i64::try_from(row.ack_timeout.as_millis()).unwrap_or(i64::MAX),
+                i64::from(row.max_deliveries),
+                seq_param(row.ack_floor),
+                now,
+            ])?;
             Outcome::Done(Some(reply))
         }
         WriteOp::UpdatePatterns { group, patterns } => {
-            sqlx::query("UPDATE groups SET patterns = ? WHERE name = ?")
-                .bind(GroupRow::patterns_sql(&patterns))
-                .bind(&group)
-                .execute(&mut *tx)
-                .await?;
+            tx.prepare_cached("UPDATE groups SET patterns = ?1 WHERE name = ?2")?
+                .execute(params![GroupRow::patterns_sql(&patterns), group])?;
             Outcome::Done(None)
         }
         WriteOp::Checkpoint(c) => {
-            checkpoint(tx, &c).await?;
+            checkpoint(tx, &c)?;
             Outcome::Done(c.reply)
         }
         WriteOp::Redrive {
@@ -291,13 +310,11 @@ async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) ->
             sequences,
             reply,
         } => {
-            let moved = take_dead_letters(tx, &group, &sequences).await?;
+            let moved = take_dead_letters(tx, &group, &sequences)?;
+            let mut insert = tx
+                .prepare_cached("INSERT OR IGNORE INTO group_redrive (grp, seq) VALUES (?1, ?2)")?;
             for &seq in &moved {
-                sqlx::query("INSERT OR IGNORE INTO group_redrive (grp, seq) VALUES (?, ?)")
-                    .bind(&group)
-                    .bind(seq_param(seq))
-                    .execute(&mut *tx)
-                    .await?;
+                insert.execute(params![group, seq_param(seq)])?;
             }
             Outcome::Sequences(reply, moved)
         }
@@ -306,22 +323,22 @@ async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) ->
             sequences,
             reply,
         } => {
-            let purged = take_dead_letters(tx, &group, &sequences).await?;
+            let purged = take_dead_letters(tx, &group, &sequences)?;
             Outcome::Count(reply, purged.len() as u64)
         }
         WriteOp::PutSchema { record, reply } => {
-            let inserted = sqlx::query(
-                "INSERT INTO schemas (event_type, version, message_name, descriptor_set, registered_at)
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(&record.event_type)
-            .bind(record.version.to_string())
-            .bind(&record.message_name)
-            .bind(&record.descriptor_set)
-            .bind(unix_ms(record.registered_at))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO schemas (event_type, version, message_name, descriptor_set, registered_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    record.event_type,
+                    record.version.to_string(),
+                    record.message_name,
+                    record.descriptor_set,
+                    unix_ms(record.registered_at),
+                ])?;
             if inserted == 0 {
                 // Not a failure of the batch: only this op is refused.
                 let _ = reply.send(Err(StoreError::AlreadyExists(format!(
@@ -337,58 +354,48 @@ async fn apply(tx: &mut SqliteConnection, op: WriteOp, batch: &mut Batch<'_>) ->
     })
 }
 
-async fn append(
-    tx: &mut SqliteConnection,
+/// Appends each event whose id is not in the log yet; the others are acked with
+/// the sequence they already have (from the log, or from earlier in this same
+/// transaction).
+fn append(
+    tx: &Transaction<'_>,
     events: Vec<Event>,
     envelopes: &[Vec<u8>],
-    batch: &mut Batch<'_>,
+    now: i64,
+    fresh: &mut Vec<Arc<StoredEvent>>,
 ) -> Result<Vec<Appended>> {
-    let mut acks: Vec<Appended> = Vec::with_capacity(events.len());
-    let mut start = 0;
-    while start < events.len() {
-        let Some((rows, sql)) = largest_chunk(&batch.inserts.fresh, events.len() - start) else {
-            break;
-        };
-        let range = start..start + rows;
-        // Fast path: ids are new (the node makes most of them), so the rows take the
-        // next sequences as they come. Text is bound as &str, which sqlx borrows
-        // (a &String it would copy).
-        let mut query = sqlx::query(sql);
-        for (offset, i) in range.clone().enumerate() {
-            query = query
-                .bind(seq_param(*batch.next_seq + offset as u64))
-                .bind(events[i].id.as_str())
-                .bind(events[i].correlation_id.as_str())
-                .bind(batch.now)
-                .bind(&envelopes[i][..]);
-        }
-        let fresh = match query.execute(&mut *tx).await {
-            Ok(_) => rows,
-            // A known id: OR FAIL keeps the rows before it (no statement journal is
-            // needed to undo them); the rest of the chunk goes the slow way.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let kept = (u64::try_from(last).unwrap_or(0) + 1).saturating_sub(*batch.next_seq);
-                usize::try_from(kept).unwrap_or(0).min(rows)
+    // OR FAIL: a known id stops the statement before it writes anything, so no
+    // statement journal is kept to undo it. The sequence is the next rowid.
+    let mut insert = tx.prepare_cached(
+        "INSERT OR FAIL INTO events (id, correlation_id, appended_at, envelope) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut acks = Vec::with_capacity(events.len());
+    for (event, envelope) in events.iter().zip(envelopes) {
+        let ack = match insert.execute(params![event.id, event.correlation_id, now, envelope]) {
+            Ok(_) => Appended {
+                sequence: u64::try_from(tx.last_insert_rowid()).unwrap_or(0),
+                duplicate: false,
+            },
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == ErrorCode::ConstraintViolation
+                    && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                let known: i64 = tx
+                    .prepare_cached("SELECT seq FROM events WHERE id = ?1")?
+                    .query_row([&event.id], |row| row.get(0))?;
+                Appended {
+                    sequence: u64::try_from(known).unwrap_or(0),
+                    duplicate: true,
+                }
             }
             Err(e) => return Err(e.into()),
         };
-        acks.extend((0..fresh as u64).map(|offset| Appended {
-            sequence: *batch.next_seq + offset,
-            duplicate: false,
-        }));
-        *batch.next_seq += fresh as u64;
-        let rest = start + fresh..start + rows;
-        if !rest.is_empty() {
-            acks.extend(append_checked(tx, &events[rest.clone()], &envelopes[rest], batch).await?);
-        }
-        start += rows;
+        acks.push(ack);
     }
+    drop(insert);
     for (event, ack) in events.into_iter().zip(&acks) {
         if !ack.duplicate {
-            batch.fresh.push(Arc::new(StoredEvent {
+            fresh.push(Arc::new(StoredEvent {
                 sequence: ack.sequence,
                 event,
             }));
@@ -397,132 +404,61 @@ async fn append(
     Ok(acks)
 }
 
-/// Inserts the events whose ids are not in the log yet; the others are acked with
-/// the sequence they already have.
-async fn append_checked(
-    tx: &mut SqliteConnection,
-    events: &[Event],
-    envelopes: &[Vec<u8>],
-    batch: &mut Batch<'_>,
-) -> Result<Vec<Appended>> {
-    let mut acks = Vec::with_capacity(events.len());
-    let mut start = 0;
-    while start < events.len() {
-        let Some((rows, sql)) = largest_chunk(&batch.inserts.checked, events.len() - start) else {
-            break;
-        };
-        let chunk = start..start + rows;
-        let mut query = sqlx::query(sql);
-        for i in chunk.clone() {
-            query = query
-                .bind(events[i].id.as_str())
-                .bind(events[i].correlation_id.as_str())
-                .bind(batch.now)
-                .bind(&envelopes[i][..]);
-        }
-        let returned = query.fetch_all(&mut *tx).await?;
-        let mut inserted: HashMap<&str, i64> = returned
-            .iter()
-            .map(|row| (row.get::<&str, _>(1), row.get::<i64, _>(0)))
-            .collect();
-        for event in &events[chunk] {
-            acks.push(match inserted.remove(event.id.as_str()) {
-                Some(seq) => {
-                    let sequence = u64::try_from(seq).unwrap_or(0);
-                    *batch.next_seq = (*batch.next_seq).max(sequence + 1);
-                    Appended {
-                        sequence,
-                        duplicate: false,
-                    }
-                }
-                None => {
-                    // Already in the log, or earlier in this same transaction.
-                    let seq: i64 = sqlx::query_scalar("SELECT seq FROM events WHERE id = ?")
-                        .bind(event.id.as_str())
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    Appended {
-                        sequence: u64::try_from(seq).unwrap_or(0),
-                        duplicate: true,
-                    }
-                }
-            });
-        }
-        start += rows;
-    }
-    Ok(acks)
-}
-
-async fn checkpoint(tx: &mut SqliteConnection, c: &Checkpoint) -> Result<()> {
+fn checkpoint(tx: &Transaction<'_>, c: &Checkpoint) -> Result<()> {
     if c.reset {
-        sqlx::query("DELETE FROM group_settled WHERE grp = ?")
-            .bind(&c.group)
-            .execute(&mut *tx)
-            .await?;
+        tx.prepare_cached("DELETE FROM group_settled WHERE grp = ?1")?
+            .execute([&c.group])?;
     }
-    sqlx::query("UPDATE groups SET ack_floor = ? WHERE name = ?")
-        .bind(seq_param(c.floor))
-        .bind(&c.group)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM group_settled WHERE grp = ? AND seq <= ?")
-        .bind(&c.group)
-        .bind(seq_param(c.floor))
-        .execute(&mut *tx)
-        .await?;
+    tx.prepare_cached("UPDATE groups SET ack_floor = ?1 WHERE name = ?2")?
+        .execute(params![seq_param(c.floor), c.group])?;
+    tx.prepare_cached("DELETE FROM group_settled WHERE grp = ?1 AND seq <= ?2")?
+        .execute(params![c.group, seq_param(c.floor)])?;
+    let mut settle =
+        tx.prepare_cached("INSERT OR IGNORE INTO group_settled (grp, seq) VALUES (?1, ?2)")?;
     for &seq in c.settled.iter().filter(|&&s| s > c.floor) {
-        sqlx::query("INSERT OR IGNORE INTO group_settled (grp, seq) VALUES (?, ?)")
-            .bind(&c.group)
-            .bind(seq_param(seq))
-            .execute(&mut *tx)
-            .await?;
+        settle.execute(params![c.group, seq_param(seq)])?;
     }
+    let mut unredrive =
+        tx.prepare_cached("DELETE FROM group_redrive WHERE grp = ?1 AND seq = ?2")?;
     for &seq in &c.unredrive {
-        sqlx::query("DELETE FROM group_redrive WHERE grp = ? AND seq = ?")
-            .bind(&c.group)
-            .bind(seq_param(seq))
-            .execute(&mut *tx)
-            .await?;
+        unredrive.execute(params![c.group, seq_param(seq)])?;
     }
-    for dead in &c.dead {
-        sqlx::query(
-            "INSERT OR REPLACE INTO dead_letters (grp, seq, attempts, reason, dead_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&c.group)
-        .bind(seq_param(dead.sequence))
-        .bind(i64::from(dead.attempts))
-        .bind(&dead.reason)
-        .bind(unix_ms(dead.dead_at))
-        .execute(&mut *tx)
-        .await?;
+    let mut dead = tx.prepare_cached(
+        "INSERT OR REPLACE INTO dead_letters (grp, seq, attempts, reason, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for d in &c.dead {
+        dead.execute(params![
+            c.group,
+            seq_param(d.sequence),
+            i64::from(d.attempts),
+            d.reason,
+            unix_ms(d.dead_at),
+        ])?;
     }
     Ok(())
 }
 
 /// Deletes a group's dead letters (all when `sequences` is empty) and returns the
 /// sequences that were there.
-async fn take_dead_letters(
-    tx: &mut SqliteConnection,
-    group: &str,
-    sequences: &[u64],
-) -> Result<Vec<u64>> {
+fn take_dead_letters(tx: &Transaction<'_>, group: &str, sequences: &[u64]) -> Result<Vec<u64>> {
     let mut taken = Vec::new();
     if sequences.is_empty() {
-        let seqs: Vec<i64> =
-            sqlx::query_scalar("DELETE FROM dead_letters WHERE grp = ? RETURNING seq")
-                .bind(group)
-                .fetch_all(&mut *tx)
-                .await?;
-        taken.extend(seqs.into_iter().filter_map(|s| u64::try_from(s).ok()));
+        let mut all = tx.prepare_cached("DELETE FROM dead_letters WHERE grp = ?1 RETURNING seq")?;
+        let seqs = all.query_map([group], |row| row.get::<_, i64>(0))?;
+        for seq in seqs {
+            taken.extend(u64::try_from(seq?).ok());
+        }
     } else {
+        let mut one = tx
+            .prepare_cached("DELETE FROM dead_letters WHERE grp = ?1 AND seq = ?2 RETURNING seq")?;
         for &seq in sequences {
-            let found: Option<i64> = sqlx::query_scalar(
-                "DELETE FROM dead_letters WHERE grp = ? AND seq = ? RETURNING seq",
-            )
-            .bind(group)
-            .bind(seq_param(seq))
-            .fetch_optional(&mut *tx)
-            .await?;
+            let found: Option<i64> = one
+                .query_row(params![group, seq_param(seq)], |row| row.get(0))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
             taken.extend(found.and_then(|s| u64::try_from(s).ok()));
         }
     }

@@ -1,0 +1,122 @@
+//! Durability, pipelined: the writer commits with `synchronous = NORMAL` (its
+//! commits write WAL frames but do not wait for the disk) and hands each committed
+//! transaction here. This thread makes the WAL durable with one `fdatasync` for
+//! everything committed since its last one, and only then tells the senders and
+//! moves the log's head. While it waits on the disk, the writer is already running
+//! the next group's statements.
+//!
+//! This is what `synchronous = FULL` does, one step later: a FULL commit is the
+//! same frames followed by a sync of the WAL. Checkpoints keep NORMAL's own syncs
+//! (the WAL before its pages are copied, the database file before the WAL is
+//! reused), so nothing this thread acknowledged can be lost to a later reset.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
+
+use tokio::sync::mpsc;
+
+use super::Log;
+use super::writer::Outcome;
+use crate::StoredEvent;
+
+/// Committed transactions that may wait for one sync. Past this, the writer waits
+/// for the disk before it commits more.
+pub(crate) const QUEUE: usize = 16;
+
+/// A transaction committed to the WAL, not yet known to be on disk.
+pub(crate) struct Committed {
+    pub outcomes: Vec<Outcome>,
+    /// Its appended events, in sequence order.
+    pub fresh: Vec<Arc<StoredEvent>>,
+}
+
+/// Set once the WAL could not be synced: nothing is acknowledged after that, and
+/// the writer refuses everything with this message.
+pub(crate) type Failure = Arc<OnceLock<String>>;
+
+/// Runs until the writer drops its sender: syncs the WAL at `wal`, then completes
+/// what was committed before the sync, in commit order.
+pub(crate) fn run(
+    wal: PathBuf,
+    mut committed: mpsc::Receiver<Committed>,
+    log: Weak<Log>,
+    failure: Failure,
+) {
+    let mut file = WalFile {
+        path: wal,
+        open: None,
+    };
+    let mut ready = Vec::new();
+    while let Some(first) = committed.blocking_recv() {
+        ready.push(first);
+        while let Ok(more) = committed.try_recv() {
+            ready.push(more);
+        }
+        if let Some(message) = failure.get() {
+            fail(ready.drain(..), message);
+            continue;
+        }
+        match file.sync() {
+            Ok(()) => {
+                let log = log.upgrade();
+                for c in ready.drain(..) {
+                    if let Some(log) = &log {
+                        log.push_recent(c.fresh);
+                    }
+                    c.outcomes.into_iter().for_each(Outcome::succeed);
+                }
+            }
+            Err(e) => {
+                // After a failed fsync the kernel may have dropped the dirty pages:
+                // what was committed can no longer be vouched for, nor anything
+                // after it. Restarting recovers the log from what is on disk.
+                let message = format!(
+                    "the log's write-ahead file {} could not be synced to disk ({e}); \
+                     nothing more is acknowledged until the node restarts",
+                    file.path.display()
+                );
+                tracing::error!(error = %message, "sync failed");
+                let message = failure.get_or_init(|| message);
+                fail(ready.drain(..), message);
+            }
+        }
+    }
+}
+
+fn fail(committed: impl Iterator<Item = Committed>, message: &str) {
+    for c in committed {
+        c.outcomes.into_iter().for_each(|o| o.fail(message));
+    }
+}
+
+/// The WAL, opened beside SQLite's own handle: an fdatasync through any descriptor
+/// of the file flushes all of its written pages.
+struct WalFile {
+    path: PathBuf,
+    open: Option<File>,
+}
+
+impl WalFile {
+    fn sync(&mut self) -> std::io::Result<()> {
+        // SQLite removes the WAL only when its last connection closes (after a
+        // checkpoint that syncs the database); if that ever happened, the file at the
+        // path is a new one and the old descriptor would sync nothing useful.
+        let current = std::fs::metadata(&self.path)?;
+        let stale = match &self.open {
+            Some(f) => {
+                let held = f.metadata()?;
+                (held.dev(), held.ino()) != (current.dev(), current.ino())
+            }
+            None => true,
+        };
+        if stale {
+            self.open = Some(File::options().write(true).open(&self.path)?);
+        }
+        match &self.open {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
