@@ -279,17 +279,15 @@ impl SqliteStore {
             recent_capacity: config.recent_events,
             shutdown: watch::Sender::new(false),
         });
-        // The writer opens its own connection (the pool keeps the WAL open
+        // The writer opens its own connections (the pool keeps the WAL open
         // meanwhile); the one that migrated is done.
-        let writer_conn = writer::open(&path)?;
-        conn.close().await?;
-        let writer_stopped = writer::spawn(
-            writer_conn,
+        let writer_stopped = writer::start(
+            &path,
             writer_rx,
             Arc::downgrade(&log),
             config.max_batch_events,
-            wal_path(&path),
         )?;
+        conn.close().await?;
         tracing::info!(path = %path.display(), head, "log opened");
         Ok(Self {
             log,
@@ -358,13 +356,6 @@ impl SqliteStore {
         handle.send(make(reply)).await?;
         answer.await.map_err(|_| StoreError::ShuttingDown)?
     }
-}
-
-/// Where SQLite keeps the write-ahead log of the database at `path`.
-fn wal_path(path: &Path) -> PathBuf {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    PathBuf::from(wal)
 }
 
 fn connect_options(path: &Path) -> SqliteConnectOptions {

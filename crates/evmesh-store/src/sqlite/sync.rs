@@ -9,17 +9,25 @@
 //! same frames followed by a sync of the WAL. Checkpoints keep NORMAL's own syncs
 //! (the WAL before its pages are copied, the database file before the WAL is
 //! reused), so nothing this thread acknowledged can be lost to a later reset.
+//!
+//! Checkpoints run on a thread of their own too, nudged by the writer every few
+//! MiB of WAL, so that no commit waits for one.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 
+use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::Log;
 use super::writer::Outcome;
 use crate::StoredEvent;
+
+/// The WAL the checkpoint thread lets grow before it copies it into the database:
+/// a checkpoint then takes as long as with SQLite's default of 1000 4 KiB pages.
+pub(crate) const CHECKPOINT_BYTES: usize = 4 << 20;
 
 /// Committed transactions that may wait for one sync. Past this, the writer waits
 /// for the disk before it commits more.
@@ -30,6 +38,41 @@ pub(crate) struct Committed {
     pub outcomes: Vec<Outcome>,
     /// Its appended events, in sequence order.
     pub fresh: Vec<Arc<StoredEvent>>,
+}
+
+/// How many committed transactions await their sync. The writer waits until there
+/// are none before it commits a group that is not full: events that trickle in then
+/// share one commit per sync, instead of each writing its own WAL pages.
+#[derive(Default)]
+pub(crate) struct Unsynced {
+    count: Mutex<usize>,
+    settled: Condvar,
+}
+
+impl Unsynced {
+    pub(crate) fn add(&self) {
+        *self.lock() += 1;
+    }
+
+    pub(crate) fn settle(&self, n: usize) {
+        let mut count = self.lock();
+        *count = count.saturating_sub(n);
+        if *count == 0 {
+            self.settled.notify_all();
+        }
+    }
+
+    /// Returns once every committed transaction is answered.
+    pub(crate) fn wait(&self) {
+        let mut count = self.lock();
+        while *count > 0 {
+            count = self.settled.wait(count).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Set once the WAL could not be synced: nothing is acknowledged after that, and
@@ -43,6 +86,7 @@ pub(crate) fn run(
     mut committed: mpsc::Receiver<Committed>,
     log: Weak<Log>,
     failure: Failure,
+    unsynced: Arc<Unsynced>,
 ) {
     let mut file = WalFile {
         path: wal,
@@ -54,8 +98,10 @@ pub(crate) fn run(
         while let Ok(more) = committed.try_recv() {
             ready.push(more);
         }
+        let n = ready.len();
         if let Some(message) = failure.get() {
             fail(ready.drain(..), message);
+            unsynced.settle(n);
             continue;
         }
         match file.sync() {
@@ -81,6 +127,30 @@ pub(crate) fn run(
                 let message = failure.get_or_init(|| message);
                 fail(ready.drain(..), message);
             }
+        }
+        unsynced.settle(n);
+    }
+}
+
+/// Where SQLite keeps the write-ahead log of the database at `path`.
+pub(crate) fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// Runs until the writer drops its sender: on each nudge, copies what the WAL
+/// holds into the database (PASSIVE: beside the writer, never blocking it), so that
+/// the WAL can start over. With `synchronous = NORMAL` the checkpoint syncs the WAL
+/// before copying and the database before the WAL may be reused.
+pub(crate) fn checkpoint(conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
+    while nudges.recv().is_ok() {
+        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match done {
+            Ok((frames, copied)) => tracing::trace!(frames, copied, "checkpoint"),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed; the WAL grows until the next"),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! event is one step of a cached prepared statement, with no hop to another thread
 //! and no copy of its bindings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -118,8 +118,9 @@ fn weight(op: &WriteOp) -> usize {
     }
 }
 
-/// Opens the write connection to the log at `path` (created and migrated).
-pub(crate) fn open(path: &Path) -> Result<Connection> {
+/// Opens a read-write connection to the log at `path` (created and migrated), with
+/// the settings every connection that writes or checkpoints needs.
+fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -128,95 +129,150 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
     // Commits do not wait for the disk: the sync thread makes each one durable
     // before its acks go out (see `sync`). Checkpoints still sync as they must.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // A checkpoint every 4 MiB of WAL whatever the page size, as SQLite's default
-    // of 1000 pages does with 4 KiB ones: the commit that checkpoints stalls no
-    // longer than that copy.
+    Ok(conn)
+}
+
+/// Starts the writer thread over the log at `path` (created and migrated), with its
+/// sync and checkpoint threads. The receiver resolves once the writer has stopped:
+/// after a [`WriteOp::Stop`], or once every sender of `rx` is gone.
+pub(crate) fn start(
+    path: &Path,
+    rx: mpsc::Receiver<WriteOp>,
+    log: Weak<Log>,
+    max_batch_events: usize,
+) -> Result<oneshot::Receiver<()>> {
+    let conn = connect(path)?;
+    // The checkpoint thread copies the WAL into the database, off the commit path.
+    // Should it fall behind, the writer checkpoints itself past 16 times as much.
     let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
-    conn.pragma_update(None, "wal_autocheckpoint", (4 << 20) / page_size.max(512))?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        16 * sync::CHECKPOINT_BYTES as i64 / page_size.max(512),
+    )?;
     // A page cache that holds a whole group commit (4096 events of a few hundred
     // bytes, and the index pages they touch), so that a commit does not spill dirty
     // pages to the WAL before it ends, nor read back what it evicted.
     conn.pragma_update(None, "cache_size", -16384)?;
     conn.pragma_update(None, "temp_store", "memory")?;
-    Ok(conn)
-}
+    let checkpoints = connect(path)?;
 
-/// Starts the writer thread over `conn`, whose WAL is `wal`. The receiver resolves
-/// once the writer has stopped: after a [`WriteOp::Stop`], or once every sender of
-/// `rx` is gone.
-pub(crate) fn spawn(
-    conn: Connection,
-    rx: mpsc::Receiver<WriteOp>,
-    log: Weak<Log>,
-    max_batch_events: usize,
-    wal: PathBuf,
-) -> Result<oneshot::Receiver<()>> {
     let failure = sync::Failure::default();
+    let unsynced = Arc::new(sync::Unsynced::default());
     let (committed_tx, committed_rx) = mpsc::channel(sync::QUEUE);
     let syncer = {
-        let (log, failure) = (log.clone(), failure.clone());
+        let (log, failure, unsynced) = (log.clone(), failure.clone(), unsynced.clone());
+        let wal = sync::wal_path(path);
         std::thread::Builder::new()
             .name("evmesh-wal-sync".into())
-            .spawn(move || sync::run(wal, committed_rx, log, failure))?
+            .spawn(move || sync::run(wal, committed_rx, log, failure, unsynced))?
     };
+    let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
+    let checkpointer = std::thread::Builder::new()
+        .name("evmesh-checkpoint".into())
+        .spawn(move || sync::checkpoint(checkpoints, nudged))?;
     let (stopped_tx, stopped) = oneshot::channel();
     std::thread::Builder::new()
         .name("evmesh-writer".into())
         .spawn(move || {
-            run(conn, rx, committed_tx, max_batch_events, &failure);
+            let writer = Writer {
+                committed: committed_tx,
+                unsynced,
+                checkpoint: nudge,
+                max_batch_events,
+                page_size: usize::try_from(page_size).unwrap_or(4096),
+            };
+            writer.run(conn, rx, &failure);
             // Everything committed is synced and answered before the connection
             // closes.
-            if syncer.join().is_err() {
-                tracing::error!("the WAL sync thread panicked");
+            if syncer.join().is_err() || checkpointer.join().is_err() {
+                tracing::error!("a WAL thread panicked");
             }
             let _ = stopped_tx.send(());
         })?;
     Ok(stopped)
 }
 
-fn run(
-    mut conn: Connection,
-    mut rx: mpsc::Receiver<WriteOp>,
-    committed_tx: mpsc::Sender<sync::Committed>,
+/// The writer thread's ends of its sync and checkpoint threads, and its settings.
+struct Writer {
+    committed: mpsc::Sender<sync::Committed>,
+    unsynced: Arc<sync::Unsynced>,
+    checkpoint: std::sync::mpsc::SyncSender<()>,
     max_batch_events: usize,
-    failure: &sync::Failure,
-) {
-    let mut ops = Vec::new();
-    let mut stopping = false;
-    while !stopping {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let mut size = weight(&first);
-        ops.push(first);
-        while size < max_batch_events {
+    page_size: usize,
+}
+
+impl Writer {
+    fn run(self, mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, failure: &sync::Failure) {
+        let mut ops = Vec::new();
+        // Roughly what the WAL has grown by since the checkpoint thread was last
+        // nudged.
+        let mut wal_bytes = 0;
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut size = weight(&first);
+            ops.push(first);
+            self.take(&mut rx, &mut ops, &mut size);
+            if size < self.max_batch_events / 16 {
+                // A few events are not worth their own commit (each writes whole
+                // pages of the table and its indexes), and nothing is acked before
+                // the sync under way ends: wait for it, and take what arrives
+                // meanwhile into this commit.
+                self.unsynced.wait();
+                self.take(&mut rx, &mut ops, &mut size);
+            }
+            stopping = ops.iter().any(|op| matches!(op, WriteOp::Stop { .. }));
+            if let Some(message) = failure.get() {
+                ops.drain(..)
+                    .map(WriteOp::unrun)
+                    .for_each(|o| o.fail(message));
+                continue;
+            }
+            // Each commit writes at least a page of the table and of each index.
+            wal_bytes += 3 * self.page_size + ops.iter().map(WriteOp::bytes).sum::<usize>();
+            let Some(committed) = commit(&mut conn, ops.drain(..)) else {
+                continue;
+            };
+            if wal_bytes >= sync::CHECKPOINT_BYTES {
+                // Full means a nudge is already waiting: that checkpoint will do.
+                let _ = self.checkpoint.try_send(());
+                wal_bytes = 0;
+            }
+            self.unsynced.add();
+            if let Err(mpsc::error::SendError(c)) = self.committed.blocking_send(committed) {
+                self.unsynced.settle(1);
+                let message = failure.get_or_init(|| "the log's sync thread stopped".into());
+                c.outcomes.into_iter().for_each(|o| o.fail(message));
+            }
+        }
+    }
+
+    /// Adds what is queued to `ops`, up to a full group.
+    fn take(&self, rx: &mut mpsc::Receiver<WriteOp>, ops: &mut Vec<WriteOp>, size: &mut usize) {
+        while *size < self.max_batch_events {
             match rx.try_recv() {
                 Ok(op) => {
-                    size += weight(&op);
+                    *size += weight(&op);
                     ops.push(op);
                 }
                 Err(_) => break,
             }
         }
-        stopping = ops.iter().any(|op| matches!(op, WriteOp::Stop { .. }));
-        if let Some(message) = failure.get() {
-            ops.drain(..)
-                .map(WriteOp::unrun)
-                .for_each(|o| o.fail(message));
-            continue;
-        }
-        let Some(committed) = commit(&mut conn, ops.drain(..)) else {
-            continue;
-        };
-        if let Err(mpsc::error::SendError(c)) = committed_tx.blocking_send(committed) {
-            let message = failure.get_or_init(|| "the log's sync thread stopped".into());
-            c.outcomes.into_iter().for_each(|o| o.fail(message));
-        }
     }
-    drop(committed_tx);
 }
 
 impl WriteOp {
+    /// About what the op adds to the WAL: its rows and their index entries.
+    fn bytes(&self) -> usize {
+        match self {
+            WriteOp::Append { envelopes, .. } => envelopes.iter().map(|e| e.len() + 128).sum(),
+            op => weight(op) * 64,
+        }
+    }
+
     /// What the sender waits for, for an op that did not run.
     fn unrun(self) -> Outcome {
         match self {
