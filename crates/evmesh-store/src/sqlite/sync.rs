@@ -11,11 +11,13 @@
 //! reused), so nothing this thread acknowledged can be lost to a later reset.
 //!
 //! Checkpoints run on a thread of their own too, nudged by the writer every few
-//! MiB of WAL, so that no commit waits for one.
+//! MiB of WAL, so that no commit waits for a copy; every 64 MiB the writer
+//! restarts the WAL itself.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 
 use rusqlite::Connection;
@@ -28,6 +30,9 @@ use crate::StoredEvent;
 /// The WAL the checkpoint thread lets grow before it copies it into the database:
 /// a checkpoint then takes as long as with SQLite's default of 1000 4 KiB pages.
 pub(crate) const CHECKPOINT_BYTES: usize = 4 << 20;
+
+/// The WAL the writer lets grow before it starts it over.
+pub(crate) const RESTART_BYTES: usize = 64 << 20;
 
 /// Committed transactions that may wait for one sync. Past this, the writer waits
 /// for the disk before it commits more.
@@ -139,20 +144,58 @@ pub(crate) fn wal_path(path: &Path) -> PathBuf {
     PathBuf::from(wal)
 }
 
-/// Runs until the writer drops its sender: on each nudge, copies what the WAL
-/// holds into the database (PASSIVE: beside the writer, never blocking it), so that
-/// the WAL can start over. With `synchronous = NORMAL` the checkpoint syncs the WAL
-/// before copying and the database before the WAL may be reused.
-pub(crate) fn checkpoint(conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
-    while nudges.recv().is_ok() {
-        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
-        });
-        match done {
-            Ok((frames, copied)) => tracing::trace!(frames, copied, "checkpoint"),
-            Err(e) => tracing::warn!(error = %e, "checkpoint failed; the WAL grows until the next"),
+/// The frames in the WAL, as the last checkpoint counted them.
+#[derive(Default)]
+pub(crate) struct WalSize {
+    frames: AtomicUsize,
+}
+
+impl WalSize {
+    pub(crate) fn frames(&self) -> usize {
+        self.frames.load(Ordering::Relaxed)
+    }
+
+    /// Runs until the writer drops its sender: on each nudge, copies what the WAL
+    /// holds into the database (PASSIVE: beside the writer, never blocking it). With
+    /// `synchronous = NORMAL` the checkpoint syncs the WAL before copying and the
+    /// database before the WAL may be reused.
+    pub(crate) fn checkpoints(&self, conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
+        while nudges.recv().is_ok() {
+            match checkpoint(&conn, "PASSIVE") {
+                Ok((_, frames)) => self.frames.store(frames, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "checkpoint failed; the WAL grows until the next")
+                }
+            }
         }
     }
+
+    /// Checkpoints everything and waits for readers to leave the WAL, so that the
+    /// next write transaction starts it over: the WAL starts over only when a
+    /// transaction begins with all of it copied, which a checkpoint beside a busy
+    /// writer rarely sees. Run by the writer, between its transactions.
+    pub(crate) fn restart(&self, conn: &Connection) {
+        match checkpoint(conn, "RESTART") {
+            Ok((false, _)) => self.frames.store(0, Ordering::Relaxed),
+            Ok((true, _)) => tracing::warn!(
+                "the WAL could not start over: a reader holds it; it grows until the next try"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "the WAL could not start over; it grows until the next try")
+            }
+        }
+    }
+}
+
+/// Runs a checkpoint in `mode`: whether it could not finish, and the WAL's frames.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(bool, usize)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+        let frames: i64 = row.get(1)?;
+        Ok((
+            row.get::<_, i64>(0)? != 0,
+            usize::try_from(frames).unwrap_or(0),
+        ))
+    })
 }
 
 fn fail(committed: impl Iterator<Item = Committed>, message: &str) {

@@ -142,14 +142,11 @@ pub(crate) fn start(
     max_batch_events: usize,
 ) -> Result<oneshot::Receiver<()>> {
     let conn = connect(path)?;
-    // The checkpoint thread copies the WAL into the database, off the commit path.
-    // Should it fall behind, the writer checkpoints itself past 16 times as much.
+    // The checkpoint thread copies the WAL into the database, off the commit path,
+    // and the writer restarts the WAL itself (see `Writer::run`): no automatic
+    // checkpoint inside a commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
-    conn.pragma_update(
-        None,
-        "wal_autocheckpoint",
-        16 * sync::CHECKPOINT_BYTES as i64 / page_size.max(512),
-    )?;
     // A page cache that holds a whole group commit (4096 events of a few hundred
     // bytes, and the index pages they touch), so that a commit does not spill dirty
     // pages to the WAL before it ends, nor read back what it evicted.
@@ -168,9 +165,13 @@ pub(crate) fn start(
             .spawn(move || sync::run(wal, committed_rx, log, failure, unsynced))?
     };
     let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
-    let checkpointer = std::thread::Builder::new()
-        .name("evmesh-checkpoint".into())
-        .spawn(move || sync::checkpoint(checkpoints, nudged))?;
+    let wal = Arc::new(sync::WalSize::default());
+    let checkpointer = {
+        let wal = wal.clone();
+        std::thread::Builder::new()
+            .name("evmesh-checkpoint".into())
+            .spawn(move || wal.checkpoints(checkpoints, nudged))?
+    };
     let (stopped_tx, stopped) = oneshot::channel();
     std::thread::Builder::new()
         .name("evmesh-writer".into())
@@ -179,6 +180,7 @@ pub(crate) fn start(
                 committed: committed_tx,
                 unsynced,
                 checkpoint: nudge,
+                wal,
                 max_batch_events,
                 page_size: usize::try_from(page_size).unwrap_or(4096),
             };
@@ -198,6 +200,7 @@ struct Writer {
     committed: mpsc::Sender<sync::Committed>,
     unsynced: Arc<sync::Unsynced>,
     checkpoint: std::sync::mpsc::SyncSender<()>,
+    wal: Arc<sync::WalSize>,
     max_batch_events: usize,
     page_size: usize,
 }
@@ -232,7 +235,8 @@ impl Writer {
                 continue;
             }
             // Each commit writes at least a page of the table and of each index.
-            wal_bytes += 3 * self.page_size + ops.iter().map(WriteOp::bytes).sum::<usize>();
+            let bytes = 3 * self.page_size + ops.iter().map(WriteOp::bytes).sum::<usize>();
+            wal_bytes += bytes;
             let Some(committed) = commit(&mut conn, ops.drain(..)) else {
                 continue;
             };
@@ -246,6 +250,11 @@ impl Writer {
                 self.unsynced.settle(1);
                 let message = failure.get_or_init(|| "the log's sync thread stopped".into());
                 c.outcomes.into_iter().for_each(|o| o.fail(message));
+            }
+            if self.wal.frames() * self.page_size >= sync::RESTART_BYTES {
+                // While this group syncs: copy the little the checkpoint thread has
+                // not, and let the next transaction start the WAL over.
+                self.wal.restart(&conn);
             }
         }
     }
