@@ -1,5 +1,5 @@
-//! The embedded log's WAL, on a real SQLite file: checkpoints keep it bounded
-//! while commits never wait for one, and what was acked is there after a reopen.
+//! The embedded log's WAL, on a real SQLite file: checkpoints keep it bounded,
+//! a stop leaves it empty, and what was acked is there after a reopen.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use evmesh_proto::v1::Event;
@@ -47,6 +47,11 @@ async fn checkpoints_keep_the_wal_bounded() {
     );
     assert_eq!(store.head(), (batches * batch) as u64);
     store.shutdown().await.unwrap();
+    let left = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(
+        left, 0,
+        "a stopped node leaves its WAL empty for the next start"
+    );
 
     let reopened = SqliteStore::open(Config::new(dir.path())).await.unwrap();
     assert_eq!(reopened.head(), (batches * batch) as u64);

@@ -187,6 +187,16 @@ impl WalSize {
     }
 }
 
+/// Copies the whole WAL into the database and empties it: at shutdown, once
+/// everything is synced.
+pub(crate) fn truncate(conn: &Connection) {
+    match checkpoint(conn, "TRUNCATE") {
+        Ok((false, _)) => {}
+        Ok((true, _)) => tracing::warn!("the WAL was left as it is: a reader holds it"),
+        Err(e) => tracing::warn!(error = %e, "the WAL was left as it is"),
+    }
+}
+
 /// Runs a checkpoint in `mode`: whether it could not finish, and the WAL's frames.
 fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(bool, usize)> {
     conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {

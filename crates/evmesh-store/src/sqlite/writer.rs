@@ -184,12 +184,18 @@ pub(crate) fn start(
                 max_batch_events,
                 page_size: usize::try_from(page_size).unwrap_or(4096),
             };
-            writer.run(conn, rx, &failure);
+            let mut conn = conn;
+            writer.run(&mut conn, rx, &failure);
             // Everything committed is synced and answered before the connection
             // closes.
             if syncer.join().is_err() || checkpointer.join().is_err() {
                 tracing::error!("a WAL thread panicked");
             }
+            // The readers' connections close last, and a read-only connection
+            // leaves the WAL as it is: empty it now, so that the next start has
+            // nothing to recover.
+            sync::truncate(&conn);
+            drop(conn);
             let _ = stopped_tx.send(());
         })?;
     Ok(stopped)
@@ -206,7 +212,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, failure: &sync::Failure) {
+    fn run(self, conn: &mut Connection, mut rx: mpsc::Receiver<WriteOp>, failure: &sync::Failure) {
         let mut ops = Vec::new();
         // Roughly what the WAL has grown by since the checkpoint thread was last
         // nudged.
@@ -237,7 +243,7 @@ impl Writer {
             // Each commit writes at least a page of the table and of each index.
             let bytes = 3 * self.page_size + ops.iter().map(WriteOp::bytes).sum::<usize>();
             wal_bytes += bytes;
-            let Some(committed) = commit(&mut conn, ops.drain(..)) else {
+            let Some(committed) = commit(conn, ops.drain(..)) else {
                 continue;
             };
             if wal_bytes >= sync::CHECKPOINT_BYTES {
@@ -254,7 +260,7 @@ impl Writer {
             if self.wal.frames() * self.page_size >= sync::RESTART_BYTES {
                 // While this group syncs: copy the little the checkpoint thread has
                 // not, and let the next transaction start the WAL over.
-                self.wal.restart(&conn);
+                self.wal.restart(conn);
             }
         }
     }
