@@ -144,13 +144,15 @@ pub(crate) fn wal_path(path: &Path) -> PathBuf {
     PathBuf::from(wal)
 }
 
-/// The frames in the WAL, as the last checkpoint counted them.
+/// The WAL's checkpoints: one at a time (SQLite refuses a second one at once rather
+/// than wait), and the frames the last one counted.
 #[derive(Default)]
-pub(crate) struct WalSize {
+pub(crate) struct Checkpoints {
+    running: Mutex<()>,
     frames: AtomicUsize,
 }
 
-impl WalSize {
+impl Checkpoints {
     pub(crate) fn frames(&self) -> usize {
         self.frames.load(Ordering::Relaxed)
     }
@@ -161,7 +163,10 @@ impl WalSize {
     /// database before the WAL may be reused.
     pub(crate) fn checkpoints(&self, conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
         while nudges.recv().is_ok() {
-            match checkpoint(&conn, "PASSIVE") {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let done = checkpoint(&conn, "PASSIVE");
+            drop(running);
+            match done {
                 Ok((_, frames)) => self.frames.store(frames, Ordering::Relaxed),
                 Err(e) => {
                     tracing::warn!(error = %e, "checkpoint failed; the WAL grows until the next")
@@ -174,16 +179,21 @@ impl WalSize {
     /// next write transaction starts it over: the WAL starts over only when a
     /// transaction begins with all of it copied, which a checkpoint beside a busy
     /// writer rarely sees. Run by the writer, between its transactions.
-    pub(crate) fn restart(&self, conn: &Connection) {
-        match checkpoint(conn, "RESTART") {
-            Ok((false, _)) => self.frames.store(0, Ordering::Relaxed),
-            Ok((true, _)) => tracing::warn!(
-                "the WAL could not start over: a reader holds it; it grows until the next try"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "the WAL could not start over; it grows until the next try")
+    /// Returns whether it did.
+    pub(crate) fn restart(&self, conn: &Connection) -> bool {
+        // Waits for a checkpoint under way, which leaves little to copy.
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let failed = match checkpoint(conn, "RESTART") {
+            Ok((false, _)) => {
+                self.frames.store(0, Ordering::Relaxed);
+                return true;
             }
-        }
+            Ok((true, _)) => "a reader holds it".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        drop(running);
+        tracing::warn!(error = %failed, "the WAL could not start over; it grows until the next try");
+        false
     }
 }
 

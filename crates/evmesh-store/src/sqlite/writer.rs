@@ -165,7 +165,7 @@ pub(crate) fn start(
             .spawn(move || sync::run(wal, committed_rx, log, failure, unsynced))?
     };
     let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
-    let wal = Arc::new(sync::WalSize::default());
+    let wal = Arc::new(sync::Checkpoints::default());
     let checkpointer = {
         let wal = wal.clone();
         std::thread::Builder::new()
@@ -206,7 +206,7 @@ struct Writer {
     committed: mpsc::Sender<sync::Committed>,
     unsynced: Arc<sync::Unsynced>,
     checkpoint: std::sync::mpsc::SyncSender<()>,
-    wal: Arc<sync::WalSize>,
+    wal: Arc<sync::Checkpoints>,
     max_batch_events: usize,
     page_size: usize,
 }
@@ -216,7 +216,7 @@ impl Writer {
         let mut ops = Vec::new();
         // Roughly what the WAL has grown by since the checkpoint thread was last
         // nudged.
-        let mut wal_bytes = 0;
+        let (mut wal_bytes, mut since_restart) = (0, 0);
         let mut stopping = false;
         while !stopping {
             let Some(first) = rx.blocking_recv() else {
@@ -243,6 +243,7 @@ impl Writer {
             // Each commit writes at least a page of the table and of each index.
             let bytes = 3 * self.page_size + ops.iter().map(WriteOp::bytes).sum::<usize>();
             wal_bytes += bytes;
+            since_restart += bytes;
             let Some(committed) = commit(conn, ops.drain(..)) else {
                 continue;
             };
@@ -257,10 +258,15 @@ impl Writer {
                 let message = failure.get_or_init(|| "the log's sync thread stopped".into());
                 c.outcomes.into_iter().for_each(|o| o.fail(message));
             }
-            if self.wal.frames() * self.page_size >= sync::RESTART_BYTES {
+            // The checkpoint thread counts the WAL's frames; the estimate holds should
+            // it fall behind.
+            let frames = self.wal.frames() * self.page_size;
+            if frames.max(since_restart) >= sync::RESTART_BYTES {
                 // While this group syncs: copy the little the checkpoint thread has
                 // not, and let the next transaction start the WAL over.
-                self.wal.restart(conn);
+                if self.wal.restart(conn) {
+                    since_restart = 0;
+                }
             }
         }
     }
@@ -280,12 +286,14 @@ impl Writer {
 }
 
 impl WriteOp {
-    /// About what the op adds to the WAL: its rows and their index entries.
+    /// About what the op adds to the WAL: its rows and their index entries, in pages
+    /// that B-tree splits leave about two thirds full.
     fn bytes(&self) -> usize {
-        match self {
+        let rows = match self {
             WriteOp::Append { envelopes, .. } => envelopes.iter().map(|e| e.len() + 128).sum(),
             op => weight(op) * 64,
-        }
+        };
+        rows * 3 / 2
     }
 
     /// What the sender waits for, for an op that did not run.
