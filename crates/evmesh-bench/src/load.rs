@@ -198,17 +198,29 @@ pub async fn open_loop_publish(
         }
         latencies
     });
-    for k in 0..total {
-        let due = interval * u32::try_from(k).unwrap_or(u32::MAX);
-        tokio::time::sleep_until((base + due).into()).await;
-        let e = event(
-            ty,
-            payload,
-            vec![("due-ns".into(), due.as_nanos().to_string())],
-        );
-        tx.send(pb::PublishRequest { event: Some(e) }).await?;
-    }
-    drop(tx);
+    // Paced by a thread of its own: the OS sleeps to within tens of microseconds,
+    // where tokio's timer wakes on whole milliseconds and would send in bursts.
+    let ty = ty.to_owned();
+    tokio::task::spawn_blocking(move || {
+        for k in 0..total {
+            let due = interval * u32::try_from(k).unwrap_or(u32::MAX);
+            if let Some(wait) = due.checked_sub(base.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            let e = event(
+                &ty,
+                payload,
+                vec![("due-ns".into(), due.as_nanos().to_string())],
+            );
+            if tx
+                .blocking_send(pb::PublishRequest { event: Some(e) })
+                .is_err()
+            {
+                break;
+            }
+        }
+    })
+    .await?;
     Ok(acked.await?)
 }
 
