@@ -60,3 +60,29 @@ async fn checkpoints_keep_the_wal_bounded() {
     assert_eq!(again[0].sequence, 1);
     reopened.shutdown().await.unwrap();
 }
+
+/// A WAL that cannot be synced any more (here: removed from under the node) stops
+/// every ack, with the reason, instead of acknowledging what may not be on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_stops_every_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(Config::new(dir.path())).await.unwrap();
+    let acks = store.append(events(0, 10, 64)).await.unwrap();
+    assert_eq!(acks.last().unwrap().sequence, 10);
+
+    std::fs::remove_file(dir.path().join(format!("{DB_FILE}-wal"))).unwrap();
+    for from in [10, 20] {
+        let err = store.append(events(from, 10, 64)).await.unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("could not be synced") && message.contains("restarts"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        store.head(),
+        10,
+        "nothing past the failure reaches subscribers"
+    );
+    store.shutdown().await.unwrap();
+}
