@@ -4,7 +4,7 @@
 //! unknown fields.
 
 use evmesh_proto::v1::{Event, Violation};
-use prost_reflect::{DynamicMessage, Value};
+use prost_reflect::{DynamicMessage, Kind, MessageDescriptor, Value};
 use semver::Version;
 use tonic::Code;
 
@@ -88,6 +88,12 @@ pub(crate) fn payload(
             event,
         ));
     }
+    if clean(message, &payload.value, 0) {
+        event.schema_version = version.to_string();
+        return Ok(());
+    }
+    // Something to report (or something the walk does not vouch for): the full
+    // decode finds it and names it.
     let decoded = match DynamicMessage::decode(message.clone(), payload.value.as_slice()) {
         Ok(decoded) => decoded,
         Err(e) => {
@@ -125,6 +131,132 @@ pub(crate) fn payload(
     }
     event.schema_version = version.to_string();
     Ok(())
+}
+
+/// Nesting past which the walk leaves the payload to the full decode (whose own
+/// limit is 100).
+const CLEAN_DEPTH: u32 = 64;
+
+/// Whether `bytes` certainly decode as `message` with no unknown field anywhere: a
+/// walk of the wire format that allocates nothing. It vouches only for what it
+/// fully checks (known field numbers, wire types that match, well-formed varints and
+/// lengths, UTF-8 strings, nested messages and packed lists); anything else,
+/// including every malformed payload, is left to the full decode, which says what
+/// is wrong.
+fn clean(message: &MessageDescriptor, mut bytes: &[u8], depth: u32) -> bool {
+    if depth > CLEAN_DEPTH {
+        return false;
+    }
+    while !bytes.is_empty() {
+        let Some(key) = varint(&mut bytes) else {
+            return false;
+        };
+        let Some(field) = u32::try_from(key >> 3)
+            .ok()
+            .filter(|&n| n >= 1)
+            .and_then(|n| message.get_field(n))
+        else {
+            return false;
+        };
+        if field.is_group() {
+            return false;
+        }
+        let kind = field.kind();
+        let fits = match key & 7 {
+            0 => is_varint(&kind) && varint(&mut bytes).is_some(),
+            1 => is_fixed(&kind, 8) && skip(&mut bytes, 8),
+            5 => is_fixed(&kind, 4) && skip(&mut bytes, 4),
+            2 => {
+                let Some(value) = varint(&mut bytes)
+                    .and_then(|len| usize::try_from(len).ok())
+                    .filter(|&len| len <= bytes.len())
+                    .map(|len| {
+                        let (value, rest) = bytes.split_at(len);
+                        bytes = rest;
+                        value
+                    })
+                else {
+                    return false;
+                };
+                match &kind {
+                    Kind::String => std::str::from_utf8(value).is_ok(),
+                    Kind::Bytes => true,
+                    Kind::Message(nested) => clean(nested, value, depth + 1),
+                    packed if field.is_list() => clean_packed(packed, value),
+                    _ => false,
+                }
+            }
+            _ => false, // groups, and wire types 6 and 7
+        };
+        if !fits {
+            return false;
+        }
+    }
+    true
+}
+
+/// A packed list of scalars: whole varints, or whole fixed-width values.
+fn clean_packed(kind: &Kind, mut bytes: &[u8]) -> bool {
+    if is_varint(kind) {
+        while !bytes.is_empty() {
+            if varint(&mut bytes).is_none() {
+                return false;
+            }
+        }
+        true
+    } else if is_fixed(kind, 8) {
+        bytes.len().is_multiple_of(8)
+    } else {
+        is_fixed(kind, 4) && bytes.len().is_multiple_of(4)
+    }
+}
+
+fn is_varint(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Int32
+            | Kind::Int64
+            | Kind::Uint32
+            | Kind::Uint64
+            | Kind::Sint32
+            | Kind::Sint64
+            | Kind::Bool
+            | Kind::Enum(_)
+    )
+}
+
+fn is_fixed(kind: &Kind, width: usize) -> bool {
+    match width {
+        8 => matches!(kind, Kind::Fixed64 | Kind::Sfixed64 | Kind::Double),
+        4 => matches!(kind, Kind::Fixed32 | Kind::Sfixed32 | Kind::Float),
+        _ => false,
+    }
+}
+
+/// A varint of at most ten bytes that fits 64 bits, as protobuf decoders accept.
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        if i == 9 && byte > 1 {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            *bytes = &bytes[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn skip(bytes: &mut &[u8], n: usize) -> bool {
+    match bytes.get(n..) {
+        Some(rest) => {
+            *bytes = rest;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Every unknown field in the message tree: (path, field number).
@@ -220,8 +352,116 @@ mod tests {
         assert!(rejection.violations[0].message.contains("field number 15"));
     }
 
+    fn order_message(catalog: &Catalog) -> MessageDescriptor {
+        catalog.types["shop.order.placed"][&Version::new(1, 0, 0)]
+            .schema
+            .message()
+            .clone()
+    }
+
+    /// A valid OrderPlaced that uses every shape: strings, a nested list, a map of
+    /// messages, a oneof with a varint.
+    fn valid_order(catalog: &Catalog, skus: &[&str]) -> Vec<u8> {
+        let message = order_message(catalog);
+        let item = message
+            .parent_pool()
+            .get_message_by_name("shop.v1.Item")
+            .unwrap();
+        let mut order = DynamicMessage::new(message);
+        order.set_field_by_name("id", Value::String("o-1".into()));
+        let items = skus
+            .iter()
+            .enumerate()
+            .map(|(i, sku)| {
+                let mut it = DynamicMessage::new(item.clone());
+                it.set_field_by_name("sku", Value::String((*sku).into()));
+                it.set_field_by_name("qty", Value::I32(i as i32 - 1));
+                let mut child = DynamicMessage::new(item.clone());
+                child.set_field_by_name("sku", Value::String(format!("{sku}-child")));
+                it.set_field_by_name("child", Value::Message(child));
+                Value::Message(it)
+            })
+            .collect::<Vec<_>>();
+        let by_sku = skus
+            .iter()
+            .zip(&items)
+            .map(|(sku, it)| (prost_reflect::MapKey::String((*sku).into()), it.clone()))
+            .collect();
+        order.set_field_by_name("items", Value::List(items));
+        order.set_field_by_name("by_sku", Value::Map(by_sku));
+        order.set_field_by_name("cents", Value::I64(-12_345));
+        order.encode_to_vec()
+    }
+
+    /// What the full decode says of `bytes`: clean, or not.
+    fn decodes_clean(catalog: &Catalog, bytes: &[u8]) -> bool {
+        match DynamicMessage::decode(order_message(catalog), bytes) {
+            Ok(m) => {
+                let mut unknown = Vec::new();
+                unknown_fields(&m, "", &mut unknown);
+                unknown.is_empty()
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn the_walk_vouches_for_valid_payloads() {
+        let catalog = catalog();
+        for skus in [&[][..], &["a"], &["a", "b", "ünïcode"]] {
+            let bytes = valid_order(&catalog, skus);
+            assert!(clean(&order_message(&catalog), &bytes, 0), "{skus:?}");
+            assert!(payload(&catalog, &mut event(bytes), false).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_walk_leaves_every_fault_to_the_full_decode() {
+        let catalog = catalog();
+        let message = order_message(&catalog);
+        let valid = valid_order(&catalog, &["a", "b"]);
+        let faults: Vec<Vec<u8>> = vec![
+            valid[..valid.len() - 1].to_vec(),          // truncated
+            [&valid[..], &[0x78, 0x01]].concat(),       // unknown field 15
+            [&valid[..], &[0x0d, 0, 0, 0, 0]].concat(), // id (a string) as fixed32
+            [&valid[..], &[0x0a, 0x01, 0xff]].concat(), // id not UTF-8
+            [&valid[..], &[0x0b]].concat(),             // a group start
+        ];
+        for bytes in faults {
+            assert!(!clean(&message, &bytes, 0), "{bytes:02x?}");
+            assert!(payload(&catalog, &mut event(bytes), false).is_err());
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The walk never vouches for what the full decode would refuse: random
+        /// changes to a valid payload, and random bytes.
+        #[test]
+        fn the_walk_is_never_more_lenient(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            tail in proptest::collection::vec(any::<u8>(), 0..4),
+            noise in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let catalog = catalog();
+            let message = order_message(&catalog);
+            let mut bytes = valid_order(&catalog, &["a", "bc"]);
+            for (at, byte) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            bytes.extend(tail);
+            for candidate in [bytes, noise] {
+                if clean(&message, &candidate, 0) {
+                    prop_assert!(decodes_clean(&catalog, &candidate), "{:02x?}", candidate);
+                }
+            }
+        }
 
         #[test]
         fn any_payload_bytes_are_accepted_or_rejected_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
