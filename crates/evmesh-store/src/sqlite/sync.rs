@@ -161,7 +161,7 @@ impl Checkpoints {
     /// holds into the database (PASSIVE: beside the writer, never blocking it). With
     /// `synchronous = NORMAL` the checkpoint syncs the WAL before copying and the
     /// database before the WAL may be reused.
-    pub(crate) fn checkpoints(&self, conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
+    pub(crate) fn run(&self, conn: Connection, nudges: std::sync::mpsc::Receiver<()>) {
         while nudges.recv().is_ok() {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             let done = checkpoint(&conn, "PASSIVE");

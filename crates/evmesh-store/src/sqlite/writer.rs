@@ -152,7 +152,6 @@ pub(crate) fn start(
     // pages to the WAL before it ends, nor read back what it evicted.
     conn.pragma_update(None, "cache_size", -16384)?;
     conn.pragma_update(None, "temp_store", "memory")?;
-    let checkpoints = connect(path)?;
 
     let failure = sync::Failure::default();
     let unsynced = Arc::new(sync::Unsynced::default());
@@ -165,12 +164,12 @@ pub(crate) fn start(
             .spawn(move || sync::run(wal, committed_rx, log, failure, unsynced))?
     };
     let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
-    let wal = Arc::new(sync::Checkpoints::default());
+    let checkpoints = Arc::new(sync::Checkpoints::default());
     let checkpointer = {
-        let wal = wal.clone();
+        let (checkpoints, conn) = (checkpoints.clone(), connect(path)?);
         std::thread::Builder::new()
             .name("evmesh-checkpoint".into())
-            .spawn(move || wal.checkpoints(checkpoints, nudged))?
+            .spawn(move || checkpoints.run(conn, nudged))?
     };
     let (stopped_tx, stopped) = oneshot::channel();
     std::thread::Builder::new()
@@ -179,8 +178,8 @@ pub(crate) fn start(
             let writer = Writer {
                 committed: committed_tx,
                 unsynced,
-                checkpoint: nudge,
-                wal,
+                nudge,
+                checkpoints,
                 max_batch_events,
                 page_size: usize::try_from(page_size).unwrap_or(4096),
             };
@@ -205,8 +204,8 @@ pub(crate) fn start(
 struct Writer {
     committed: mpsc::Sender<sync::Committed>,
     unsynced: Arc<sync::Unsynced>,
-    checkpoint: std::sync::mpsc::SyncSender<()>,
-    wal: Arc<sync::Checkpoints>,
+    nudge: std::sync::mpsc::SyncSender<()>,
+    checkpoints: Arc<sync::Checkpoints>,
     max_batch_events: usize,
     page_size: usize,
 }
@@ -215,7 +214,7 @@ impl Writer {
     fn run(self, conn: &mut Connection, mut rx: mpsc::Receiver<WriteOp>, failure: &sync::Failure) {
         let mut ops = Vec::new();
         // Roughly what the WAL has grown by since the checkpoint thread was last
-        // nudged.
+        // nudged, and since the WAL last started over.
         let (mut wal_bytes, mut since_restart) = (0, 0);
         let mut stopping = false;
         while !stopping {
@@ -249,7 +248,7 @@ impl Writer {
             };
             if wal_bytes >= sync::CHECKPOINT_BYTES {
                 // Full means a nudge is already waiting: that checkpoint will do.
-                let _ = self.checkpoint.try_send(());
+                let _ = self.nudge.try_send(());
                 wal_bytes = 0;
             }
             self.unsynced.add();
@@ -260,11 +259,11 @@ impl Writer {
             }
             // The checkpoint thread counts the WAL's frames; the estimate holds should
             // it fall behind.
-            let frames = self.wal.frames() * self.page_size;
+            let frames = self.checkpoints.frames() * self.page_size;
             if frames.max(since_restart) >= sync::RESTART_BYTES {
                 // While this group syncs: copy the little the checkpoint thread has
                 // not, and let the next transaction start the WAL over.
-                if self.wal.restart(conn) {
+                if self.checkpoints.restart(conn) {
                     since_restart = 0;
                 }
             }
