@@ -182,29 +182,35 @@ impl Checkpoints {
     /// Returns whether it did.
     pub(crate) fn restart(&self, conn: &Connection) -> bool {
         // Waits for a checkpoint under way, which leaves little to copy.
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let failed = match checkpoint(conn, "RESTART") {
-            Ok((false, _)) => {
-                self.frames.store(0, Ordering::Relaxed);
-                return true;
-            }
-            Ok((true, _)) => "a reader holds it".to_owned(),
-            Err(e) => e.to_string(),
-        };
-        drop(running);
-        tracing::warn!(error = %failed, "the WAL could not start over; it grows until the next try");
-        false
+        let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let done = complete(
+            conn,
+            "RESTART",
+            "the WAL could not start over; it grows until the next try",
+        );
+        if done {
+            self.frames.store(0, Ordering::Relaxed);
+        }
+        done
     }
 }
 
 /// Copies the whole WAL into the database and empties it: at shutdown, once
 /// everything is synced.
 pub(crate) fn truncate(conn: &Connection) {
-    match checkpoint(conn, "TRUNCATE") {
-        Ok((false, _)) => {}
-        Ok((true, _)) => tracing::warn!("the WAL was left as it is: a reader holds it"),
-        Err(e) => tracing::warn!(error = %e, "the WAL was left as it is"),
-    }
+    complete(conn, "TRUNCATE", "the WAL was left as it is");
+}
+
+/// Runs a checkpoint in a `mode` that copies everything; says why not, when it
+/// could not, and returns whether it did.
+fn complete(conn: &Connection, mode: &str, otherwise: &str) -> bool {
+    let why = match checkpoint(conn, mode) {
+        Ok((false, _)) => return true,
+        Ok((true, _)) => "a reader holds it".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(error = %why, "{otherwise}");
+    false
 }
 
 /// Runs a checkpoint in `mode`: whether it could not finish, and the WAL's frames.

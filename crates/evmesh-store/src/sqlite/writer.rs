@@ -5,8 +5,9 @@
 //! runs the next group.
 //!
 //! The writer drives SQLite directly (rusqlite) rather than through sqlx: each
-//! event is one step of a cached prepared statement, with no hop to another thread
-//! and no copy of its bindings.
+//! event is one step of a cached prepared statement on the writer's own thread,
+//! with no hop to sqlx's connection thread and no owned copy of its bindings
+//! made for the hop.
 
 use std::path::Path;
 use std::sync::{Arc, Weak};
@@ -107,14 +108,6 @@ impl Outcome {
             Outcome::Count(reply, n) => drop(reply.send(Ok(n))),
             Outcome::Stop(reply) => drop(reply.send(())),
         }
-    }
-}
-
-fn weight(op: &WriteOp) -> usize {
-    match op {
-        WriteOp::Append { events, .. } => events.len(),
-        WriteOp::Checkpoint(c) => 1 + c.settled.len() + c.dead.len(),
-        _ => 1,
     }
 }
 
@@ -221,7 +214,7 @@ impl Writer {
             let Some(first) = rx.blocking_recv() else {
                 break;
             };
-            let mut size = weight(&first);
+            let mut size = first.weight();
             ops.push(first);
             self.take(&mut rx, &mut ops, &mut size);
             if size < self.max_batch_events / 16 {
@@ -275,7 +268,7 @@ impl Writer {
         while *size < self.max_batch_events {
             match rx.try_recv() {
                 Ok(op) => {
-                    *size += weight(&op);
+                    *size += op.weight();
                     ops.push(op);
                 }
                 Err(_) => break,
@@ -285,12 +278,21 @@ impl Writer {
 }
 
 impl WriteOp {
+    /// What the op counts for against a group's `max_batch_events`.
+    fn weight(&self) -> usize {
+        match self {
+            WriteOp::Append { events, .. } => events.len(),
+            WriteOp::Checkpoint(c) => 1 + c.settled.len() + c.dead.len(),
+            _ => 1,
+        }
+    }
+
     /// About what the op adds to the WAL: its rows and their index entries, in pages
     /// that B-tree splits leave about two thirds full.
     fn bytes(&self) -> usize {
         let rows = match self {
             WriteOp::Append { envelopes, .. } => envelopes.iter().map(|e| e.len() + 128).sum(),
-            op => weight(op) * 64,
+            op => op.weight() * 64,
         };
         rows * 3 / 2
     }
