@@ -16,3 +16,8 @@ pub mod v1 {
 /// (google.protobuf well-known types included).
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/evmesh_descriptor.bin"));
+
+/// `evmesh/v1/options.proto`, which declares `(evmesh.v1.event_type)`: what a service's
+/// .proto imports to mark its payload messages. The CLI and evmesh-build provide it, so
+/// nobody has to vendor it.
+pub const OPTIONS_PROTO: &str = include_str!("../proto/evmesh/v1/options.proto");

@@ -7,6 +7,7 @@ use anyhow::{Context, anyhow, bail};
 use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::mesh_client::MeshClient;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -16,6 +17,23 @@ use crate::schema::Payloads;
 /// One line for a failed call: the status code and the node's message.
 pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// Where the client commands find a node.
+pub(crate) const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// The node a client command talks to; on every client command and its subcommands.
+#[derive(clap::Args)]
+pub(crate) struct NodeArg {
+    /// The node to talk to: a URL (http://host:port) or host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "EVMESH_SERVER",
+        default_value = DEFAULT_SERVER,
+        value_name = "URL"
+    )]
+    pub(crate) server: String,
 }
 
 async fn connect(server: &str) -> anyhow::Result<MeshClient<Channel>> {
@@ -35,8 +53,23 @@ pub(crate) async fn channel(server: &str) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
+        .map_err(|e| unreachable(&url, &e))?;
     Ok(channel)
+}
+
+/// The error for a node that does not answer: what failed underneath (refused, no
+/// such host, timed out), and what to do about it.
+fn unreachable(url: &str, error: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let hint = if url == DEFAULT_SERVER {
+        "start one with `evmesh serve`, or name another with --server or EVMESH_SERVER"
+    } else {
+        "is the node running there? --server and EVMESH_SERVER name the node"
+    };
+    anyhow!("cannot reach a node at {url} ({cause}): {hint}")
 }
 
 /// A start position from the command line: earliest, latest, a sequence or an
@@ -67,6 +100,8 @@ fn print_json(v: &serde_json::Value) {
 
 #[derive(clap::Args)]
 pub(crate) struct PublishArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
     /// Event type, e.g. shop.order.placed.
     #[arg(long = "type")]
     ty: String,
@@ -84,14 +119,21 @@ pub(crate) struct PublishArgs {
     /// Event id; the node assigns a UUIDv7 when left out.
     #[arg(long)]
     id: Option<String>,
+    /// Registered schema version of the payload; the latest when left out.
     #[arg(long)]
     schema_version: Option<String>,
+    /// The service that publishes the event.
     #[arg(long)]
     source: Option<String>,
+    /// Ordering key: a group delivers the events of one aggregate one at a time, in
+    /// order.
     #[arg(long)]
     aggregate_id: Option<String>,
+    /// The workflow the event belongs to; the node uses the event's own id when left
+    /// out, which starts a new workflow.
     #[arg(long)]
     correlation_id: Option<String>,
+    /// Id of the event that caused this one (`evmesh chain` draws the tree from it).
     #[arg(long)]
     causation_id: Option<String>,
     /// A header as KEY=VALUE; repeatable.
@@ -99,7 +141,8 @@ pub(crate) struct PublishArgs {
     headers: Vec<String>,
 }
 
-pub(crate) async fn publish(server: &str, args: PublishArgs) -> anyhow::Result<()> {
+pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let server = args.node.server.as_str();
     let payload = match (&args.json, &args.message, &args.payload_file) {
         (Some(json), _, _) => {
             let mut payloads = Payloads::connect(server).await?;
@@ -169,49 +212,74 @@ fn read_payload(file: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 
 #[derive(clap::Args)]
 pub(crate) struct SubscribeArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
     /// Type patterns: `*` one token, `>` the rest, optionally `@semver-requirement`.
     #[arg(required = true)]
     patterns: Vec<String>,
-    /// Durable group; each event is acked after it is printed. Without a group the
-    /// subscription is ephemeral and fire-and-forget.
+    /// Durable group; each event is acked after it is printed (or nacked, with
+    /// --nack). Without a group the subscription is ephemeral and fire-and-forget.
     #[arg(long)]
     group: Option<String>,
     /// Where a new group or an ephemeral subscription starts: earliest, latest, a
-    /// sequence or an RFC 3339 time.
+    /// sequence or an RFC 3339 time. An existing group resumes where it was.
     #[arg(long, default_value = "latest")]
     from: String,
-    /// Exit after this many events.
+    /// Exit after this many deliveries.
     #[arg(long)]
     count: Option<u64>,
+    /// Most events delivered to this subscriber and not yet acked.
     #[arg(long, default_value_t = 256)]
     max_in_flight: u32,
+    /// Nack every delivery with this reason instead of acking it: the group delivers
+    /// it again until --max-deliveries, then moves it to its dead letters. For trying
+    /// out dead letters and redrive.
+    #[arg(long, value_name = "REASON", requires = "group")]
+    nack: Option<String>,
+    /// Deliveries of one event before a new group dead-letters it (default 5).
+    #[arg(long, requires = "group")]
+    max_deliveries: Option<u32>,
+    /// How long a new group waits for an ack before delivering again, e.g. 30s.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "group")]
+    ack_timeout: Option<Duration>,
 }
 
-pub(crate) async fn subscribe(server: &str, args: SubscribeArgs) -> anyhow::Result<()> {
+pub(crate) async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     use pb::subscribe_request::Request as R;
     use pb::subscribe_response::Response as S;
+    let server = args.node.server.as_str();
     let start = position(&args.from, "--from")?;
     let mut client = connect(server).await?;
     let (tx, rx) = mpsc::channel(64);
     let auto_ack = args.group.is_none();
+    let ack_timeout = args
+        .ack_timeout
+        .map(prost_types::Duration::try_from)
+        .transpose()
+        .map_err(|_| anyhow!("--ack-timeout is too long"))?;
     tx.send(pb::SubscribeRequest {
         request: Some(R::Open(pb::SubscribeOpen {
             patterns: args.patterns,
             group: args.group.unwrap_or_default(),
             start: Some(start),
             max_in_flight: args.max_in_flight,
-            ack_timeout: None,
-            max_deliveries: 0,
+            ack_timeout,
+            max_deliveries: args.max_deliveries.unwrap_or(0),
             auto_ack,
         })),
     })
     .await
     .context("cannot open the subscription")?;
-    let mut stream = client
-        .subscribe(ReceiverStream::new(rx))
-        .await
-        .map_err(rpc)?
-        .into_inner();
+    // Says when the last request has been handed to the connection.
+    let (sent_tx, sent) = tokio::sync::oneshot::channel::<()>();
+    let mut sent_tx = Some(sent_tx);
+    let requests = ReceiverStream::new(rx).chain(tokio_stream::once(()).filter_map(move |()| {
+        if let Some(sent) = sent_tx.take() {
+            let _ = sent.send(());
+        }
+        None::<pb::SubscribeRequest>
+    }));
+    let mut stream = client.subscribe(requests).await.map_err(rpc)?.into_inner();
     let mut seen = 0u64;
     if args.count == Some(0) {
         return Ok(());
@@ -230,10 +298,17 @@ pub(crate) async fn subscribe(server: &str, args: SubscribeArgs) -> anyhow::Resu
             payload,
         ));
         if !auto_ack {
+            let sequences = vec![d.sequence];
+            let request = match &args.nack {
+                Some(reason) => R::Nack(pb::Nack {
+                    sequences,
+                    delay: None,
+                    reason: reason.clone(),
+                }),
+                None => R::Ack(pb::Ack { sequences }),
+            };
             tx.send(pb::SubscribeRequest {
-                request: Some(R::Ack(pb::Ack {
-                    sequences: vec![d.sequence],
-                })),
+                request: Some(request),
             })
             .await
             .context("the subscription closed")?;
@@ -243,21 +318,28 @@ pub(crate) async fn subscribe(server: &str, args: SubscribeArgs) -> anyhow::Resu
             break;
         }
     }
-    // Let the last acks reach the node before the stream closes.
+    // Close our side, and hang up only once the last ack or nack is on its way: the
+    // node applies every one it received before it lets this member go.
     drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), sent).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(stream);
     Ok(())
 }
 
 #[derive(clap::Args)]
 pub(crate) struct ChainArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
+    /// The workflow's correlation id (the first event's id, unless it was set).
     correlation_id: String,
     /// tree: the causation tree; json: one JSON line per event.
     #[arg(long, default_value = "tree", value_parser = ["tree", "json"])]
     output: String,
 }
 
-pub(crate) async fn chain(server: &str, args: ChainArgs) -> anyhow::Result<()> {
+pub(crate) async fn chain(args: ChainArgs) -> anyhow::Result<()> {
+    let server = args.node.server.as_str();
     let mut client = connect(server).await?;
     let events = client
         .get_chain(pb::GetChainRequest {
@@ -285,12 +367,21 @@ pub(crate) async fn chain(server: &str, args: ChainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub(crate) struct GroupsArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
+    #[command(subcommand)]
+    command: GroupsCommand,
+}
+
 #[derive(clap::Subcommand)]
 pub(crate) enum GroupsCommand {
     /// Every durable group with its lag, pending and dead-letter counts.
     List,
     /// Move a group to a position; deliveries in flight are forgotten.
     Seek {
+        /// The group's name.
         group: String,
         /// earliest, latest, a sequence or an RFC 3339 time.
         #[arg(long)]
@@ -330,9 +421,9 @@ const GROUP_HEADER: [&str; 9] = [
     "MAX_DELIVERIES",
 ];
 
-pub(crate) async fn groups(server: &str, command: GroupsCommand) -> anyhow::Result<()> {
-    let mut client = connect(server).await?;
-    match command {
+pub(crate) async fn groups(args: GroupsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.node.server).await?;
+    match args.command {
         GroupsCommand::List => {
             let groups = client
                 .list_groups(pb::ListGroupsRequest {})
@@ -361,10 +452,19 @@ pub(crate) async fn groups(server: &str, command: GroupsCommand) -> anyhow::Resu
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub(crate) struct DlqArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
 #[derive(clap::Subcommand)]
 pub(crate) enum DlqCommand {
     /// A group's dead letters, oldest first.
     List {
+        /// The group's name.
         group: String,
         /// json: one JSON line per dead letter.
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
@@ -372,6 +472,7 @@ pub(crate) enum DlqCommand {
     },
     /// Deliver dead letters again, attempts reset.
     Redrive {
+        /// The group's name.
         group: String,
         /// Only these sequences; all when left out.
         #[arg(long = "seq")]
@@ -379,6 +480,7 @@ pub(crate) enum DlqCommand {
     },
     /// Delete dead letters for good.
     Purge {
+        /// The group's name.
         group: String,
         /// Only these sequences; all when left out.
         #[arg(long = "seq")]
@@ -386,9 +488,10 @@ pub(crate) enum DlqCommand {
     },
 }
 
-pub(crate) async fn dlq(server: &str, command: DlqCommand) -> anyhow::Result<()> {
+pub(crate) async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
+    let server = args.node.server.as_str();
     let mut client = connect(server).await?;
-    match command {
+    match args.command {
         DlqCommand::List {
             group,
             output: format,
@@ -467,4 +570,45 @@ pub(crate) async fn dlq(server: &str, command: DlqCommand) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+pub(crate) struct HealthArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
+    /// Keep asking this long (e.g. 10s) until the node serves, for scripts that
+    /// have just started one.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
+}
+
+/// Asks grpc.health.v1 whether the node serves `evmesh.v1.Mesh`; prints
+/// `URL: SERVING`, or fails with what it answered.
+pub(crate) async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let server = args.node.server.as_str();
+    let deadline = tokio::time::Instant::now() + args.wait.unwrap_or_default();
+    loop {
+        let answer = match channel(server).await {
+            Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "evmesh.v1.Mesh".into(),
+                })
+                .await
+                .map_err(rpc)
+                .map(|r| r.into_inner().status()),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(ServingStatus::Serving) => {
+                println!("{server}: SERVING");
+                return Ok(());
+            }
+            Ok(status) if tokio::time::Instant::now() >= deadline => {
+                bail!("{server}: {}", status.as_str_name())
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }

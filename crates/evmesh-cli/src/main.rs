@@ -16,19 +16,31 @@ mod serve;
 #[command(
     name = "evmesh",
     version,
-    about = "A gRPC event mesh with typed schemas"
+    about = "A gRPC event mesh with typed schemas: run a node (`evmesh serve`), and talk to one"
 )]
 struct Cli {
-    /// The node to talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "EVMESH_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    server: String,
+    /// Also accepted before the command (`evmesh --server URL groups list`), as
+    /// it always was; the commands that talk to a node list it in their help.
+    #[arg(long, hide = true, value_name = "URL")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Command {
+    /// The node a client command talks to; `None` for `serve`.
+    fn node(&mut self) -> Option<&mut commands::NodeArg> {
+        match self {
+            Command::Serve(_) => None,
+            Command::Publish(a) => Some(&mut a.node),
+            Command::Subscribe(a) => Some(&mut a.node),
+            Command::Chain(a) => Some(&mut a.node),
+            Command::Groups(a) => Some(&mut a.node),
+            Command::Dlq(a) => Some(&mut a.node),
+            Command::Schema(a) => Some(&mut a.node),
+            Command::Health(a) => Some(&mut a.node),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -42,14 +54,13 @@ enum Command {
     /// Show every event of a workflow as its causation tree.
     Chain(commands::ChainArgs),
     /// Durable consumer groups.
-    #[command(subcommand)]
-    Groups(commands::GroupsCommand),
+    Groups(commands::GroupsArgs),
     /// Dead letters of a group.
-    #[command(subcommand)]
-    Dlq(commands::DlqCommand),
+    Dlq(commands::DlqArgs),
     /// Payload schemas: register, check, list, show.
-    #[command(subcommand)]
-    Schema(schema::SchemaCommand),
+    Schema(schema::SchemaArgs),
+    /// Whether a node answers and serves: SERVING, or why not.
+    Health(commands::HealthArgs),
 }
 
 #[derive(clap::Args)]
@@ -60,6 +71,8 @@ pub(crate) struct ServeArgs {
     /// Directory of the embedded log.
     #[arg(long, env = "EVMESH_DATA", default_value = "./evmesh-data")]
     data: PathBuf,
+    /// How logs are written to stderr: text for people, json (one object per line)
+    /// for log collectors. `RUST_LOG` filters them (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Store events of types with no registered schema, unvalidated, instead of
@@ -83,7 +96,7 @@ pub(crate) enum LogFormat {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version
@@ -98,6 +111,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(server) = cli.server.take() {
+        match cli.command.node() {
+            Some(node) => node.server = server,
+            None => {
+                eprintln!("evmesh: --server names a node to talk to; serve listens on --listen");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -111,12 +133,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
-            Command::Publish(args) => commands::publish(&cli.server, args).await,
-            Command::Subscribe(args) => commands::subscribe(&cli.server, args).await,
-            Command::Chain(args) => commands::chain(&cli.server, args).await,
-            Command::Groups(cmd) => commands::groups(&cli.server, cmd).await,
-            Command::Dlq(cmd) => commands::dlq(&cli.server, cmd).await,
-            Command::Schema(cmd) => schema::run(&cli.server, cmd).await,
+            Command::Publish(args) => commands::publish(args).await,
+            Command::Subscribe(args) => commands::subscribe(args).await,
+            Command::Chain(args) => commands::chain(args).await,
+            Command::Groups(args) => commands::groups(args).await,
+            Command::Dlq(args) => commands::dlq(args).await,
+            Command::Schema(args) => schema::run(args).await,
+            Command::Health(args) => commands::health(args).await,
         }
     });
     match result {

@@ -13,28 +13,41 @@ use prost_reflect::{DynamicMessage, Kind, MessageDescriptor};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::commands::{channel, rpc};
+use crate::commands::{NodeArg, channel, rpc};
 use crate::output;
+
+#[derive(clap::Args)]
+pub(crate) struct SchemaArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
+    #[command(subcommand)]
+    command: SchemaCommand,
+}
 
 #[derive(clap::Subcommand)]
 pub(crate) enum SchemaCommand {
     /// Compile .proto files and register the payload schema of an event type.
-    Register(SchemaArgs),
+    Register(ProtoArgs),
     /// Dry run of register: the verdict, and the version it would get.
-    Check(SchemaArgs),
+    Check(ProtoArgs),
     /// Registered versions, of one type or all.
     List {
+        /// Only the versions of this event type.
         #[arg(long = "type")]
         ty: Option<String>,
+        /// text: a table; json: one JSON line per version.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
     /// One registered version (the latest by default).
     Show {
+        /// The event type, e.g. shop.order.placed.
         #[arg(value_name = "TYPE")]
         ty: String,
+        /// The version to show; the latest when left out.
         #[arg(long)]
         version: Option<String>,
+        /// text: the payload message and what it reaches, proto-like; json: one object.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
@@ -47,11 +60,13 @@ pub(crate) enum Format {
 }
 
 #[derive(clap::Args)]
-pub(crate) struct SchemaArgs {
-    /// The .proto files, as paths under an include directory.
+pub(crate) struct ProtoArgs {
+    /// The .proto files: paths under an include directory (-I), or names relative
+    /// to one.
     #[arg(required = true, value_name = "FILE.proto")]
     files: Vec<PathBuf>,
     /// Include directories for imports; default: the current directory.
+    /// `evmesh/v1/options.proto` is always found: the CLI carries it.
     #[arg(short = 'I', long = "include", value_name = "DIR")]
     includes: Vec<PathBuf>,
     /// Event type, e.g. shop.order.placed.
@@ -63,18 +78,39 @@ pub(crate) struct SchemaArgs {
     /// Semver to register; the registry assigns the smallest valid one when left out.
     #[arg(long)]
     version: Option<String>,
+    /// text: a line and a table of changes; json: one object.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     output: Format,
 }
 
-fn compile(args: &SchemaArgs) -> anyhow::Result<Vec<u8>> {
+/// Serves `evmesh/v1/options.proto` from the copy compiled into the CLI, after the
+/// include directories: a service's .proto imports it without vendoring it.
+struct EvmeshOptions;
+
+impl protox::file::FileResolver for EvmeshOptions {
+    fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+        if name == "evmesh/v1/options.proto" {
+            protox::file::File::from_source(name, evmesh_proto::OPTIONS_PROTO)
+        } else {
+            Err(protox::Error::file_not_found(name))
+        }
+    }
+}
+
+fn compile(args: &ProtoArgs) -> anyhow::Result<Vec<u8>> {
+    use protox::file::{ChainFileResolver, GoogleFileResolver, IncludeFileResolver};
     let includes = if args.includes.is_empty() {
         vec![PathBuf::from(".")]
     } else {
         args.includes.clone()
     };
-    let mut compiler = protox::Compiler::new(&includes)
-        .map_err(|e| anyhow!("cannot use the include directories: {e}"))?;
+    let mut resolver = ChainFileResolver::new();
+    for include in includes {
+        resolver.add(IncludeFileResolver::new(include));
+    }
+    resolver.add(EvmeshOptions);
+    resolver.add(GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
     compiler.include_imports(true).include_source_info(true);
     compiler
         .open_files(&args.files)
@@ -101,7 +137,7 @@ fn bump_name(b: i32) -> &'static str {
     }
 }
 
-fn request(args: &SchemaArgs) -> anyhow::Result<pb::RegisterSchemaRequest> {
+fn request(args: &ProtoArgs) -> anyhow::Result<pb::RegisterSchemaRequest> {
     Ok(pb::RegisterSchemaRequest {
         r#type: args.ty.clone(),
         version: args.version.clone().unwrap_or_default(),
@@ -117,8 +153,9 @@ fn changes_json(changes: &[pb::SchemaChange]) -> Value {
         .collect()
 }
 
-pub(crate) async fn run(server: &str, command: SchemaCommand) -> anyhow::Result<()> {
-    match command {
+pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
+    let server = args.node.server.as_str();
+    match args.command {
         SchemaCommand::Register(args) => {
             let request = request(&args)?;
             let response = registry(server)

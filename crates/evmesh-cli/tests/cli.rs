@@ -266,7 +266,7 @@ fn unreachable_server_is_one_line() {
         .args(["--server", "127.0.0.1:1", "groups", "list"])
         .output()
         .unwrap();
-    one_line_error(&out, "cannot connect");
+    one_line_error(&out, "cannot reach a node at http://127.0.0.1:1");
     let out = Command::new(BIN)
         .args(["--server", "not a url", "groups", "list"])
         .output()

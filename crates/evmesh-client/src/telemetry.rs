@@ -4,11 +4,13 @@
 //! for the correlation id finds the whole tree.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
@@ -28,12 +30,63 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Exports every finished span now.
+    /// Exports every finished span now. A collector that does not answer was
+    /// already reported, once, by the exporter.
     pub fn flush(&self) {
         if let Err(e) = self.provider.force_flush() {
-            tracing::warn!(error = %e, "flushing spans");
+            tracing::debug!(error = %e, "flushing spans");
         }
     }
+}
+
+/// The OTLP exporter, reporting a collector that does not answer once: tracing is
+/// optional, so a service without a collector warns when its first export fails and
+/// then runs on quietly (the spans are dropped), until an export succeeds again.
+#[derive(Debug)]
+struct WarnOnce<E> {
+    inner: E,
+    endpoint: String,
+    failing: AtomicBool,
+}
+
+impl<E: SpanExporter> SpanExporter for WarnOnce<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        match &result {
+            Err(e) if !self.failing.swap(true, Ordering::Relaxed) => tracing::warn!(
+                endpoint = %self.endpoint,
+                error = %e,
+                "cannot export spans; they are dropped until a collector answers there \
+                 (tracing is optional: OTEL_EXPORTER_OTLP_ENDPOINT names the collector)"
+            ),
+            Ok(()) if self.failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!(endpoint = %self.endpoint, "exporting spans again");
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Where spans go: what `init_with` was given, else what the standard variables say.
+fn endpoint_of(given: Option<&str>) -> String {
+    given
+        .map(str::to_owned)
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .unwrap_or_else(|| "http://localhost:4317".to_owned())
 }
 
 impl Drop for Telemetry {
@@ -64,7 +117,11 @@ pub fn init_with(
     if let Some(endpoint) = endpoint {
         builder = builder.with_endpoint(endpoint);
     }
-    let exporter = builder.build()?;
+    let exporter = WarnOnce {
+        inner: builder.build()?,
+        endpoint: endpoint_of(endpoint),
+        failing: AtomicBool::new(false),
+    };
     let service_name =
         std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service_name.to_owned());
     let resource = opentelemetry_sdk::Resource::builder()

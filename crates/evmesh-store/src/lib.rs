@@ -99,7 +99,12 @@ pub struct GroupInfo {
     pub name: String,
     pub patterns: Vec<String>,
     pub ack_floor: u64,
+    /// Events the group's patterns (and version requirements) select that are not
+    /// settled yet, redriven dead letters included, whether or not a member is
+    /// connected. A group far behind counts at most 262,144 not yet examined events
+    /// per request and takes those as lag: the figure is exact once it is caught up.
     pub lag: u64,
+    /// Delivered and not yet acked (or waiting out a nack's delay).
     pub pending: u64,
     pub dead_letters: u64,
     pub members: u32,
@@ -253,10 +258,35 @@ pub enum Feedback {
 }
 
 /// The sending half of a subscription: acks and nacks. Cheap to clone.
+///
+/// The member leaves its group when the [`Subscription`] and every clone of its
+/// control are gone: acks a client sent just before it hung up are applied before
+/// what it held is redelivered to the others.
 #[derive(Debug, Clone)]
 pub struct SubscriptionControl {
     member: u64,
     feedback: mpsc::Sender<(u64, Feedback)>,
+    _membership: Arc<Membership>,
+}
+
+/// Tells the dispatcher that a member left, when the last handle of it drops.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    member: u64,
+    leave: mpsc::UnboundedSender<u64>,
+}
+
+impl Membership {
+    pub(crate) fn new(member: u64, leave: mpsc::UnboundedSender<u64>) -> Arc<Self> {
+        Arc::new(Self { member, leave })
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // The dispatcher may be gone already; nothing to tell it then.
+        let _ = self.leave.send(self.member);
+    }
 }
 
 impl SubscriptionControl {
@@ -269,7 +299,8 @@ impl SubscriptionControl {
     }
 }
 
-/// An open subscription: deliveries in, acks and nacks out. Dropping it leaves the
+/// An open subscription: deliveries in, acks and nacks out. Dropping it (and every
+/// clone of its control) leaves the
 /// group, and what it held unacked is redelivered to other members.
 #[derive(Debug)]
 pub struct Subscription {
@@ -282,7 +313,6 @@ pub struct Subscription {
     auto_ack: bool,
     deliveries: mpsc::Receiver<Delivery>,
     control: SubscriptionControl,
-    leave: mpsc::UnboundedSender<u64>,
 }
 
 impl Subscription {
@@ -302,12 +332,5 @@ impl Subscription {
 
     pub fn control(&self) -> SubscriptionControl {
         self.control.clone()
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        // The dispatcher may be gone already; nothing to tell it then.
-        let _ = self.leave.send(self.control.member);
     }
 }

@@ -45,6 +45,7 @@ suite!(
         version_requirement_filters,
         chain_in_order_with_causation,
         seek_group,
+        lag_counts_what_the_group_selects,
         start_positions,
         patterns_of_live_group_are_fixed,
         bounded_in_flight,
@@ -736,6 +737,141 @@ async fn seek_group(backend: Backend) {
     let info = seek(pb::start_position::Position::Earliest(())).await;
     assert_eq!(info.ack_floor, 0);
     assert_eq!(sub.take_acked(5).await.len(), 5);
+}
+
+/// Lag is what the group's patterns select and it has not settled: with members and
+/// without, after a seek, and after dead letters are redriven.
+async fn lag_counts_what_the_group_selects(backend: Backend) {
+    let node = TestNode::start(backend).await;
+    let mut client = node.client().await;
+    async fn publish_types(
+        client: &pb::mesh_client::MeshClient<tonic::transport::Channel>,
+        types: &[&str],
+    ) {
+        let mut client = client.clone();
+        for ty in types {
+            publish(&mut client, event(ty)).await;
+        }
+    }
+    async fn info_when(
+        client: &pb::mesh_client::MeshClient<tonic::transport::Channel>,
+        group: &str,
+        what: &str,
+        done: fn(&pb::GroupInfo) -> bool,
+    ) -> pb::GroupInfo {
+        eventually(what, || {
+            let mut client = client.clone();
+            async move {
+                let info = group_info(&mut client, group).await;
+                done(&info).then_some(info)
+            }
+        })
+        .await
+    }
+    const MINE: &str = "lag.mine.a";
+    const OTHER: &str = "lag.other.x";
+    // 3 of 10 selected, interleaved with others.
+    publish_types(
+        &client,
+        &[
+            OTHER, MINE, OTHER, OTHER, MINE, OTHER, OTHER, OTHER, MINE, OTHER,
+        ],
+    )
+    .await;
+
+    // Created and left at once: nothing settled, no member.
+    let sub = Sub::open(&mut client, grouped(&["lag.mine.*"], "lagging"))
+        .await
+        .unwrap();
+    drop(sub);
+    let info = info_when(&client, "lagging", "the member leaves", |i| i.members == 0).await;
+    assert_eq!((info.lag, info.pending), (3, 0), "{info:?}");
+
+    // With a member: one acked, one delivered and not yet acked.
+    let mut one_at_a_time = grouped(&["lag.mine.*"], "lagging");
+    one_at_a_time.max_in_flight = 1;
+    let mut sub = Sub::open(&mut client, one_at_a_time).await.unwrap();
+    let first = sub.next().await;
+    sub.ack(&[first.sequence]).await;
+    let held = sub.next().await;
+    let info = info_when(&client, "lagging", "one acked, one held", |i| {
+        i.pending == 1
+    })
+    .await;
+    assert_eq!((info.lag, info.members), (2, 1), "{info:?}");
+    sub.ack(&[held.sequence]).await;
+    let _third = sub.next().await;
+    drop(sub);
+    let info = info_when(&client, "lagging", "the member leaves", |i| i.members == 0).await;
+    assert_eq!((info.lag, info.pending), (1, 0), "{info:?}");
+
+    // More events while nobody is connected.
+    publish_types(&client, &[MINE, OTHER, OTHER, MINE]).await;
+    let info = group_info(&mut client, "lagging").await;
+    assert_eq!((info.lag, info.head_sequence), (3, 14), "{info:?}");
+
+    // Seeks count again from the new floor.
+    let seek = |to: pb::start_position::Position| {
+        let mut client = client.clone();
+        async move {
+            client
+                .seek_group(pb::SeekGroupRequest {
+                    group: "lagging".into(),
+                    position: Some(pb::StartPosition { position: Some(to) }),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .group
+                .unwrap()
+        }
+    };
+    let info = seek(pb::start_position::Position::Earliest(())).await;
+    assert_eq!((info.ack_floor, info.lag), (0, 5), "{info:?}");
+    let info = seek(pb::start_position::Position::Sequence(6)).await;
+    assert_eq!((info.ack_floor, info.lag), (5, 3), "{info:?}");
+    let info = seek(pb::start_position::Position::Latest(())).await;
+    assert_eq!((info.ack_floor, info.lag), (14, 0), "{info:?}");
+
+    // Dead letters are settled; redriven, they are lag again until acked.
+    let mut open = grouped(&["lag.mine.*"], "fragile");
+    open.max_deliveries = 1;
+    let mut sub = Sub::open(&mut client, open).await.unwrap();
+    for _ in 0..5 {
+        let d = sub.next().await;
+        sub.nack(&[d.sequence], Duration::ZERO, "broken").await;
+    }
+    drop(sub);
+    let info = info_when(&client, "fragile", "five dead letters", |i| {
+        i.dead_letters == 5 && i.members == 0
+    })
+    .await;
+    assert_eq!((info.lag, info.pending), (0, 0), "{info:?}");
+    let redriven = client
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            group: "fragile".into(),
+            sequences: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven, 5);
+    let info = group_info(&mut client, "fragile").await;
+    assert_eq!(
+        (info.lag, info.pending, info.dead_letters),
+        (5, 0, 0),
+        "{info:?}"
+    );
+    let mut sub = Sub::open(&mut client, grouped(&["lag.mine.*"], "fragile"))
+        .await
+        .unwrap();
+    sub.take_acked(5).await;
+    let info = info_when(&client, "fragile", "the redriven events settle", |i| {
+        i.lag == 0
+    })
+    .await;
+    assert_eq!((info.pending, info.dead_letters), (0, 0), "{info:?}");
 }
 
 async fn start_positions(backend: Backend) {

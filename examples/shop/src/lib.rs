@@ -260,11 +260,17 @@ pub async fn start_all(mesh: &Mesh, dir: &Path) -> anyhow::Result<Shop> {
     })
 }
 
-/// What every shop binary takes on its command line.
-#[derive(Debug, clap::Parser)]
+// What every shop binary takes on its command line (a plain comment: clap would
+// show a doc comment as the help's first line).
+#[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The node.
-    #[arg(long, env = "EVMESH_SERVER", default_value = "http://127.0.0.1:50051")]
+    /// The node to talk to.
+    #[arg(
+        long,
+        env = "EVMESH_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
     pub server: String,
     /// Where the services keep their databases.
     #[arg(long, default_value = "./shop-data")]
@@ -294,7 +300,14 @@ impl Service {
 /// The whole of a service binary: traces, schemas, the consumer, until Ctrl-C.
 pub async fn run_service(service: Service) -> anyhow::Result<()> {
     use clap::Parser as _;
-    let args = Args::parse();
+    /// One shop service as a consumer group of its own; Ctrl-C stops it.
+    #[derive(clap::Parser)]
+    #[command(version)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+    let Cli { args } = Cli::parse();
     let _telemetry = evmesh_client::telemetry::init(service.name())?;
     let mesh = Mesh::connect(&args.server).await?;
     register_all(&mesh).await?;

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use super::Log;
 use super::writer::{Checkpoint, DeadRow, WriteOp};
 use crate::{
-    Delivery, Feedback, GroupInfo, Pattern, Result, StoreError, StoredEvent, Subscription,
-    SubscriptionControl, SubscriptionSpec,
+    Delivery, Feedback, GroupInfo, Membership, Pattern, Result, StoreError, StoredEvent,
+    Subscription, SubscriptionControl, SubscriptionSpec,
 };
 
 /// Events loaded and waiting for a member with room.
@@ -31,6 +31,9 @@ const SPAN_MAX: u64 = 1 << 16;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// Feedback messages handled before dispatching again.
 const FEEDBACK_BATCH: usize = 1024;
+/// Events examined for the lag count per info request: a group far behind answers
+/// at once, counting what it has not examined yet as lag, and is exact once caught up.
+const LAG_SCAN_MAX: usize = 1 << 18;
 
 static EPHEMERAL: AtomicU64 = AtomicU64::new(1);
 
@@ -141,8 +144,8 @@ impl GroupHandle {
             control: SubscriptionControl {
                 member,
                 feedback: self.feedback.clone(),
+                _membership: Membership::new(member, self.leave.clone()),
             },
-            leave: self.leave.clone(),
         })
     }
 }
@@ -194,6 +197,11 @@ struct Dispatcher {
     floor: u64,
     /// Settled sequences above the floor.
     settled: BTreeSet<u64>,
+    /// Every sequence up to here is counted in `selected`.
+    scanned: u64,
+    /// Events above the floor, up to `scanned`, that the patterns select and that
+    /// are not settled: the lag, without the events not yet scanned.
+    selected: u64,
     /// Next sequence to read from the log.
     cursor: u64,
     ready: BTreeMap<u64, Pending>,
@@ -262,6 +270,8 @@ impl Dispatcher {
             max_deliveries: row.max_deliveries,
             floor: row.ack_floor,
             settled: BTreeSet::new(),
+            scanned: row.ack_floor,
+            selected: 0,
             cursor: row.ack_floor + 1,
             ready: BTreeMap::new(),
             in_flight: HashMap::new(),
@@ -402,7 +412,7 @@ impl Dispatcher {
                 Some(event) => {
                     self.ready.insert(seq, Pending { event, attempts: 0 });
                 }
-                None => self.settle(seq),
+                None => self.settle(seq, false),
             }
         }
         while self.wants_events() && self.cursor <= self.log.head() {
@@ -411,6 +421,8 @@ impl Dispatcher {
             self.cursor = last.sequence + 1;
             for event in batch {
                 let seq = event.sequence;
+                let selects = self.selects(&event);
+                self.count(seq, selects);
                 if self.settled.contains(&seq)
                     || self.ready.contains_key(&seq)
                     || self.in_flight.contains_key(&seq)
@@ -418,17 +430,51 @@ impl Dispatcher {
                 {
                     continue;
                 }
-                let e = &event.event;
-                if self
-                    .patterns
-                    .iter()
-                    .any(|p| p.matches(&e.r#type, &e.schema_version))
-                {
+                if selects {
                     self.ready.insert(seq, Pending { event, attempts: 0 });
                 } else {
-                    self.settle(seq);
+                    self.settle(seq, false);
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn selects(&self, event: &StoredEvent) -> bool {
+        let e = &event.event;
+        self.patterns
+            .iter()
+            .any(|p| p.matches(&e.r#type, &e.schema_version))
+    }
+
+    /// Counts an event read from the log for the lag, once.
+    fn count(&mut self, seq: u64, selects: bool) {
+        self.scanned = self.scanned.max(self.floor);
+        if seq <= self.scanned {
+            return;
+        }
+        if selects && !self.settled.contains(&seq) {
+            self.selected += 1;
+        }
+        self.scanned = seq;
+    }
+
+    /// Counts the events up to the head that no member has read yet, up to
+    /// `LAG_SCAN_MAX` of them.
+    async fn count_lag(&mut self) -> Result<()> {
+        let head = self.log.head();
+        let mut budget = LAG_SCAN_MAX;
+        while self.scanned.max(self.floor) < head && budget > 0 {
+            let from = self.scanned.max(self.floor) + 1;
+            let batch = self.log.read_from(from, READ_BATCH).await?;
+            let Some(last) = batch.last().map(|e| e.sequence) else {
+                break;
+            };
+            for event in &batch {
+                self.count(event.sequence, self.selects(event));
+            }
+            self.scanned = self.scanned.max(last);
+            budget = budget.saturating_sub(batch.len());
         }
         Ok(())
     }
@@ -535,7 +581,7 @@ impl Dispatcher {
                 for seq in sequences {
                     if let Some(pending) = self.take_in_flight(seq) {
                         self.release(&pending);
-                        self.settle(seq);
+                        self.settle(seq, true);
                     }
                 }
             }
@@ -595,10 +641,12 @@ impl Dispatcher {
         } else {
             tracing::warn!(group = %self.name, sequence = seq, attempts = pending.attempts, reason, "dropped after max deliveries");
         }
-        self.settle(seq);
+        self.settle(seq, true);
     }
 
-    fn settle(&mut self, seq: u64) {
+    /// Marks `seq` settled; `selected` when the group's patterns select it (it was
+    /// delivered), so that it leaves the lag.
+    fn settle(&mut self, seq: u64, selected: bool) {
         self.dirty.any = true;
         if self.redrive.remove(&seq) {
             self.dirty.unredrive.push(seq);
@@ -606,13 +654,20 @@ impl Dispatcher {
         if seq <= self.floor {
             return;
         }
-        if seq == self.floor + 1 {
+        let fresh = if seq == self.floor + 1 {
             self.floor = seq;
             while self.settled.remove(&(self.floor + 1)) {
                 self.floor += 1;
             }
+            true
         } else if self.settled.insert(seq) {
             self.dirty.settled.push(seq);
+            true
+        } else {
+            false
+        };
+        if fresh && selected && seq <= self.scanned {
+            self.selected = self.selected.saturating_sub(1);
         }
     }
 
@@ -666,11 +721,14 @@ impl Dispatcher {
                 let _ = reply.send(self.join(patterns, max_in_flight, tx));
             }
             Command::Info(reply) => {
-                let _ = reply.send(Ok(self.info()));
+                let _ = reply.send(self.info().await);
             }
             Command::Seek { floor, reply } => {
                 self.seek(floor);
-                let result = self.flush().await.map(|()| self.info());
+                let result = match self.flush().await {
+                    Ok(()) => self.info().await,
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(result);
             }
             Command::Flush(reply) => {
@@ -713,6 +771,7 @@ impl Dispatcher {
             }
             tracing::info!(group = %self.name, "group patterns changed");
             self.patterns = patterns;
+            self.recount();
         }
         let id = self.next_member;
         self.next_member += 1;
@@ -725,9 +784,17 @@ impl Dispatcher {
         Ok((id, self.floor + 1))
     }
 
-    fn info(&self) -> GroupInfo {
+    /// Counts the lag again from the floor, at the next info.
+    fn recount(&mut self) {
+        self.scanned = self.floor;
+        self.selected = 0;
+    }
+
+    async fn info(&mut self) -> Result<GroupInfo> {
+        self.count_lag().await?;
         let head = self.log.head();
-        GroupInfo {
+        let unscanned = head.saturating_sub(self.scanned.max(self.floor));
+        Ok(GroupInfo {
             name: self.name.clone(),
             patterns: self
                 .patterns
@@ -735,22 +802,21 @@ impl Dispatcher {
                 .map(|p| p.as_str().to_owned())
                 .collect(),
             ack_floor: self.floor,
-            lag: head
-                .saturating_sub(self.floor)
-                .saturating_sub(self.settled.len() as u64),
+            lag: self.selected + unscanned + self.redrive.len() as u64,
             pending: (self.in_flight.len() + self.delayed_events.len()) as u64,
             dead_letters: self.dead_count,
             members: u32::try_from(self.members.len()).unwrap_or(u32::MAX),
             ack_timeout: self.ack_timeout,
             max_deliveries: self.max_deliveries,
             head_sequence: head,
-        }
+        })
     }
 
     fn seek(&mut self, floor: u64) {
         self.floor = floor;
         self.cursor = floor + 1;
         self.settled.clear();
+        self.recount();
         self.ready.clear();
         self.in_flight.clear();
         self.deadlines.clear();

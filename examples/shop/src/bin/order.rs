@@ -4,11 +4,15 @@ use clap::Parser;
 use evmesh_client::Mesh;
 use evmesh_shop::events::{LineItem, OrderPlaced};
 
+/// The shop's order service: places one order.
 #[derive(Parser)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     args: evmesh_shop::Args,
+    /// The new order's id.
     order_id: String,
+    /// The order's total; payment refuses anything over 100000 (1,000.00).
     #[arg(long, default_value_t = 4_200)]
     total_cents: i64,
 }

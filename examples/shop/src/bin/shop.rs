@@ -2,8 +2,8 @@
 //!
 //! - `shop run --orders 3`: registers the schemas, starts every service in this one
 //!   process, places the orders, and prints where each one ends up (and its
-//!   correlation id, for `evmesh chain` and Jaeger); the services keep running until
-//!   Ctrl-C.
+//!   correlation id, for `evmesh chain` and Jaeger); with `--keep-running` the
+//!   services go on until Ctrl-C.
 //! - `shop status ORDER_ID`: asks the order-status projection.
 //!
 //! Each service is also a binary of its own: `order`, `payment`, `inventory`,
@@ -16,7 +16,10 @@ use clap::{Parser, Subcommand};
 use evmesh_client::Mesh;
 use evmesh_shop::events::{LineItem, OrderPlaced};
 
+/// The shop choreography against a running node: every service in one process, or
+/// where an order is.
 #[derive(Parser)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     args: evmesh_shop::Args,
@@ -28,11 +31,18 @@ struct Cli {
 enum Command {
     /// Every service, and a few orders through them.
     Run {
+        /// How many orders to place; every third is over the payment limit.
         #[arg(long, default_value_t = 3)]
         orders: u32,
+        /// Keep the services running after the orders are through, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
     },
     /// Where is this order?
-    Status { order_id: String },
+    Status {
+        /// The order's id, as `run` or `order` printed it.
+        order_id: String,
+    },
 }
 
 async fn until_ctrl_c(consumers: Vec<evmesh_client::Consumer>) -> anyhow::Result<()> {
@@ -51,7 +61,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.args.data)?;
     let db = |name: &str| cli.args.data.join(format!("{name}.db"));
     match cli.command {
-        Command::Run { orders } => {
+        Command::Run {
+            orders,
+            keep_running,
+        } => {
             evmesh_shop::register_all(&mesh).await?;
             let shop = evmesh_shop::start_all(&mesh, &cli.args.data).await?;
             let mut placed = Vec::new();
@@ -89,8 +102,15 @@ async fn main() -> anyhow::Result<()> {
                 }
                 println!("{order_id}: {last}  (evmesh chain {correlation})");
             }
-            println!("services running; Ctrl-C stops them");
-            until_ctrl_c(shop.consumers).await
+            if keep_running {
+                println!("services running; Ctrl-C stops them");
+                until_ctrl_c(shop.consumers).await
+            } else {
+                for c in shop.consumers {
+                    c.stop().await?;
+                }
+                Ok(())
+            }
         }
         Command::Status { order_id } => {
             let pool = evmesh_shop::database(&db("order-status")).await?;
