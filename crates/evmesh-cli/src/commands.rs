@@ -341,15 +341,23 @@ pub(crate) struct ChainArgs {
 pub(crate) async fn chain(args: ChainArgs) -> anyhow::Result<()> {
     let server = args.node.server.as_str();
     let mut client = connect(server).await?;
-    let events = client
-        .get_chain(pb::GetChainRequest {
-            correlation_id: args.correlation_id.clone(),
-            limit: 0,
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .events;
+    let mut events = Vec::new();
+    loop {
+        let page = client
+            .get_chain(pb::GetChainRequest {
+                correlation_id: args.correlation_id.clone(),
+                limit: 0,
+                after_sequence: events.last().map_or(0, |e: &pb::ChainEvent| e.sequence),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        let done = !page.more || page.events.is_empty();
+        events.extend(page.events);
+        if done {
+            break;
+        }
+    }
     if events.is_empty() {
         bail!("no events with correlation id {:?}", args.correlation_id);
     }

@@ -82,6 +82,15 @@ pub(crate) struct ServeArgs {
     /// Largest payload accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_payload_bytes: usize,
+    /// Largest schema (encoded descriptor set) a registration may send, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_schema_bytes: usize,
+    /// Most messages and enums one schema may declare.
+    #[arg(long, default_value_t = 10_000)]
+    max_schema_types: usize,
+    /// Most versions one event type may have.
+    #[arg(long, default_value_t = 100)]
+    max_schema_versions: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -8,11 +8,23 @@ use base64::Engine;
 use evmesh_proto::v1 as pb;
 use serde_json::{Value, json};
 
+/// RFC 3339 to the millisecond. humantime formats only from 1970 to 9999, so a time
+/// outside that (a node accepts years 0001 to 9999; an older node accepted anything)
+/// is shown as seconds since the epoch instead of stopping the CLI.
 pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> Value {
-    t.and_then(|t| SystemTime::try_from(*t).ok())
-        .map_or(Value::Null, |t| {
-            Value::String(humantime::format_rfc3339_millis(t).to_string())
-        })
+    const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let Some(t) = t else {
+        return Value::Null;
+    };
+    let formattable =
+        (0..=MAX_SECONDS).contains(&t.seconds) && (0..1_000_000_000).contains(&t.nanos);
+    match SystemTime::try_from(*t) {
+        Ok(at) if formattable => Value::String(humantime::format_rfc3339_millis(at).to_string()),
+        _ => Value::String(format!(
+            "{}s {}ns since 1970-01-01T00:00:00Z",
+            t.seconds, t.nanos
+        )),
+    }
 }
 
 /// The envelope as JSON. The payload is `payload` (its JSON through the registered
@@ -171,5 +183,25 @@ mod tests {
 └─ #3 shop.inventory.reserved  id=c source=svc at=-
 ";
         assert_eq!(tree, expected);
+    }
+
+    #[test]
+    fn any_time_a_node_sends_is_shown() {
+        let at = |seconds, nanos| time(Some(&prost_types::Timestamp { seconds, nanos }));
+        assert_eq!(at(0, 0), json!("1970-01-01T00:00:00.000Z"));
+        assert_eq!(at(253_402_300_799, 0), json!("9999-12-31T23:59:59.000Z"));
+        for (seconds, nanos) in [
+            (i64::MAX, 0),
+            (i64::MIN, 0),
+            (0, -1),
+            (0, 2_000_000_000),
+            (-1, 0),
+        ] {
+            let shown = at(seconds, nanos);
+            assert_eq!(
+                shown,
+                json!(format!("{seconds}s {nanos}ns since 1970-01-01T00:00:00Z"))
+            );
+        }
     }
 }

@@ -3,7 +3,8 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
-use evmesh_node::{Limits, NodeConfig};
+use evmesh_node::{Limits, NodeConfig, RegistryLimits};
+use evmesh_schema::SchemaLimits;
 use evmesh_store::sqlite::{Config, SqliteStore};
 
 use crate::{LogFormat, ServeArgs};
@@ -61,8 +62,15 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         init_logging(args.log_format);
         None
     };
-    if args.max_payload_bytes == 0 {
-        anyhow::bail!("--max-payload-bytes must be at least 1");
+    for (flag, value) in [
+        ("--max-payload-bytes", args.max_payload_bytes),
+        ("--max-schema-bytes", args.max_schema_bytes),
+        ("--max-schema-types", args.max_schema_types),
+        ("--max-schema-versions", args.max_schema_versions),
+    ] {
+        if value == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
     }
     let store = SqliteStore::open(Config::new(&args.data))
         .await
@@ -76,6 +84,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         limits: Limits {
             max_payload_bytes: args.max_payload_bytes,
             ..Limits::default()
+        },
+        registry: RegistryLimits {
+            schema: SchemaLimits {
+                max_bytes: args.max_schema_bytes,
+                max_types: args.max_schema_types,
+                ..SchemaLimits::default()
+            },
+            max_versions: args.max_schema_versions,
         },
         allow_unregistered: args.allow_unregistered,
         trace_events: exporting,

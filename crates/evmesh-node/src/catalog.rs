@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use evmesh_schema::Schema;
+use evmesh_schema::{Schema, quoted};
 use prost::Message;
 use prost_types::{DescriptorProto, FileDescriptorProto, FileDescriptorSet};
 use semver::Version;
@@ -42,19 +42,22 @@ impl Catalog {
 
 /// The current catalog; swapped whole on every registration.
 pub(crate) struct Catalogs {
-    base: Vec<FileDescriptorSet>,
+    /// The node's own files: what reflection serves before any schema.
+    base: ReflectionIndex,
     current: RwLock<Arc<Catalog>>,
 }
 
 impl Catalogs {
     /// `base`: the encoded descriptor sets of the services the node serves.
     pub(crate) fn new(base: &[&[u8]]) -> Result<Self, prost::DecodeError> {
-        let base = base
-            .iter()
-            .map(|bytes| FileDescriptorSet::decode(*bytes))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut index = ReflectionIndex::default();
+        for bytes in base {
+            for file in FileDescriptorSet::decode(*bytes)?.file {
+                index.add_file(file);
+            }
+        }
         let catalogs = Self {
-            base,
+            base: index,
             current: RwLock::new(Arc::default()),
         };
         catalogs.replace(BTreeMap::new());
@@ -71,20 +74,51 @@ impl Catalogs {
     /// Installs these schemas, rebuilding the reflection index: the node's own files
     /// first, then the latest version of each type.
     pub(crate) fn replace(&self, types: BTreeMap<String, BTreeMap<Version, Arc<Entry>>>) {
-        let mut reflection = ReflectionIndex::default();
-        for set in &self.base {
-            reflection.add(set);
-        }
-        for versions in types.values() {
-            if let Some(latest) = versions.values().next_back() {
+        let mut reflection = self.base.clone();
+        for (event_type, versions) in &types {
+            if let Some((version, latest)) = versions.iter().next_back() {
                 match FileDescriptorSet::decode(latest.schema.encoded()) {
-                    Ok(set) => reflection.add(&set),
+                    Ok(set) => reflection.add_schema(set, event_type, version),
                     Err(e) => tracing::error!(error = %e, "a stored schema does not decode"),
                 }
             }
         }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(Catalog { types, reflection });
+    }
+
+    /// Why `schema` cannot be registered beside the node's own API: a file of the
+    /// same name with other content, or a symbol the API defines (which would change
+    /// what reflection says of `evmesh.v1.Mesh`, say).
+    pub(crate) fn clash(&self, schema: &Schema) -> Option<String> {
+        let set = FileDescriptorSet::decode(schema.encoded()).ok()?;
+        for file in &set.file {
+            let name = file.name();
+            if let Some(own) = self.base.files.get(name) {
+                if own.encoded != file.encode_to_vec() {
+                    return Some(format!(
+                        "descriptor_set: file {} is a file of the node's own API with other content; give your file another name",
+                        quoted(name)
+                    ));
+                }
+                continue;
+            }
+            let mut defined = ReflectionIndex::default();
+            defined.symbols_of(file, name);
+            let mut symbols: Vec<&String> = defined.symbols.keys().collect();
+            symbols.sort();
+            if let Some(symbol) = symbols
+                .into_iter()
+                .find(|s| self.base.symbols.contains_key(*s))
+            {
+                return Some(format!(
+                    "descriptor_set: file {} defines {}, which the node's own API defines; use another package",
+                    quoted(name),
+                    quoted(symbol)
+                ));
+            }
+        }
+        None
     }
 
     /// A copy of the current types with one more version, to install with `replace`.
@@ -103,13 +137,14 @@ impl Catalogs {
     }
 }
 
+#[derive(Clone)]
 struct IndexedFile {
     encoded: Vec<u8>,
     dependencies: Vec<String>,
 }
 
 /// Files by name and the file defining each symbol, for server reflection.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct ReflectionIndex {
     files: HashMap<String, IndexedFile>,
     symbols: HashMap<String, String>,
@@ -124,25 +159,60 @@ fn qualify(package: &str, name: &str) -> String {
 }
 
 impl ReflectionIndex {
-    /// Adds the files of `set`; a file name already present keeps its first content.
-    fn add(&mut self, set: &FileDescriptorSet) {
-        for file in &set.file {
-            let name = file.name().to_owned();
-            let encoded = file.encode_to_vec();
-            if let Some(existing) = self.files.get(&name) {
-                if existing.encoded != encoded {
-                    tracing::warn!(file = %name, "two schemas hold different files of one name; reflection serves the first");
+    /// Adds one file; a file name already present keeps its first content.
+    fn add_file(&mut self, file: FileDescriptorProto) {
+        let name = file.name().to_owned();
+        if self.files.contains_key(&name) {
+            return;
+        }
+        self.symbols_of(&file, &name);
+        self.files.insert(
+            name,
+            IndexedFile {
+                encoded: file.encode_to_vec(),
+                dependencies: file.dependency,
+            },
+        );
+    }
+
+    /// Adds the files of one type's schema. Two types may hold different files of
+    /// one name (each its own `common.proto`): the later one's files that clash, and
+    /// every file of its set that imports them, are served under a name of their own,
+    /// `evmesh/types/{type}/{version}/{name}`, imports rewritten, so that each type
+    /// resolves to its own content.
+    fn add_schema(&mut self, set: FileDescriptorSet, event_type: &str, version: &Version) {
+        let mut renamed: HashSet<String> = set
+            .file
+            .iter()
+            .filter(|f| {
+                self.files
+                    .get(f.name())
+                    .is_some_and(|indexed| indexed.encoded != f.encode_to_vec())
+            })
+            .map(|f| f.name().to_owned())
+            .collect();
+        loop {
+            let before = renamed.len();
+            for f in &set.file {
+                if !renamed.contains(f.name()) && f.dependency.iter().any(|d| renamed.contains(d)) {
+                    renamed.insert(f.name().to_owned());
                 }
-                continue;
             }
-            self.symbols_of(file, &name);
-            self.files.insert(
-                name,
-                IndexedFile {
-                    encoded,
-                    dependencies: file.dependency.clone(),
-                },
-            );
+            if renamed.len() == before {
+                break;
+            }
+        }
+        let prefix = format!("evmesh/types/{event_type}/{version}/");
+        for mut file in set.file {
+            if renamed.contains(file.name()) {
+                file.name = Some(format!("{prefix}{}", file.name()));
+            }
+            for dependency in &mut file.dependency {
+                if renamed.contains(dependency.as_str()) {
+                    *dependency = format!("{prefix}{dependency}");
+                }
+            }
+            self.add_file(file);
         }
     }
 

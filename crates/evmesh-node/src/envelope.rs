@@ -4,7 +4,12 @@
 use std::time::SystemTime;
 
 use evmesh_proto::v1::{Event, PublishRejection, Violation};
+use evmesh_schema::quoted;
 use tonic::Code;
+
+/// `google.protobuf.Timestamp`'s range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+const MIN_TIMESTAMP: i64 = -62_135_596_800;
+const MAX_TIMESTAMP: i64 = 253_402_300_799;
 
 /// What a publish may carry. Over a limit is RESOURCE_EXHAUSTED (sizes, counts) or
 /// INVALID_ARGUMENT (lengths of identifiers).
@@ -18,6 +23,23 @@ pub struct Limits {
     pub max_id_len: usize,
     /// Bytes of source, aggregate_id, correlation_id and causation_id each.
     pub max_field_len: usize,
+    /// Bytes of `payload.type_url`.
+    pub max_type_url_len: usize,
+}
+
+impl Limits {
+    /// The most an accepted envelope can hold besides its payload: with the payload,
+    /// what a delivery of any stored event must have room for.
+    pub fn max_envelope_overhead(&self) -> usize {
+        self.max_header_bytes
+            + 4 * self.max_header_bytes.min(self.max_headers * 8)
+            + self.max_id_len
+            + evmesh_store::MAX_TYPE_LEN
+            + evmesh_schema::MAX_VERSION_LEN
+            + 4 * self.max_field_len
+            + self.max_type_url_len
+            + 1024
+    }
 }
 
 impl Default for Limits {
@@ -28,6 +50,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_id_len: 128,
             max_field_len: 256,
+            max_type_url_len: 1024,
         }
     }
 }
@@ -126,22 +149,31 @@ pub fn accept(event: Option<Event>, limits: &Limits) -> Result<Event, Rejection>
             "TYPE_SYNTAX",
             "event.type",
             format!(
-                "event.type {:?} {e}: use dotted lowercase tokens such as shop.order.placed",
-                event.r#type
+                "event.type {} {e}: use dotted lowercase tokens such as shop.order.placed",
+                quoted(&event.r#type)
             ),
         );
     }
     if !event.schema_version.is_empty()
-        && let Err(e) = semver::Version::parse(&event.schema_version)
+        && let Err(e) = evmesh_schema::parse_version(&event.schema_version)
     {
         found.add(
             Code::InvalidArgument,
             "SCHEMA_VERSION_SYNTAX",
             "event.schema_version",
-            format!(
-                "event.schema_version {:?} is not semver: {e}",
-                event.schema_version
-            ),
+            format!("event.schema_version {e}"),
+        );
+    }
+    if event.occurred_at.as_ref().is_some_and(|at| {
+        !(MIN_TIMESTAMP..=MAX_TIMESTAMP).contains(&at.seconds)
+            || !(0..1_000_000_000).contains(&at.nanos)
+    }) {
+        found.add(
+            Code::InvalidArgument,
+            "OCCURRED_AT_RANGE",
+            "event.occurred_at",
+            "event.occurred_at must lie within years 0001 to 9999, with nanos from 0 to 999999999"
+                .into(),
         );
     }
     for (path, value) in [
@@ -202,6 +234,16 @@ pub fn accept(event: Option<Event>, limits: &Limits) -> Result<Event, Rejection>
             "event.payload",
             "event.payload is required".into(),
         ),
+        Some(payload) if payload.type_url.len() > limits.max_type_url_len => found.add(
+            Code::InvalidArgument,
+            "PAYLOAD_TYPE_URL",
+            "event.payload.type_url",
+            format!(
+                "event.payload.type_url is {} bytes long, at most {} allowed",
+                payload.type_url.len(),
+                limits.max_type_url_len
+            ),
+        ),
         Some(payload) => {
             let name = payload
                 .type_url
@@ -213,8 +255,8 @@ pub fn accept(event: Option<Event>, limits: &Limits) -> Result<Event, Rejection>
                     "PAYLOAD_TYPE_URL",
                     "event.payload.type_url",
                     format!(
-                        "event.payload.type_url {:?} must end in /package.Message, e.g. type.googleapis.com/shop.v1.OrderPlaced",
-                        payload.type_url
+                        "event.payload.type_url {} must end in /package.Message, e.g. type.googleapis.com/shop.v1.OrderPlaced",
+                        quoted(&payload.type_url)
                     ),
                 );
             }

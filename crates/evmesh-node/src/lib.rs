@@ -20,18 +20,20 @@ mod catalog;
 mod convert;
 pub mod envelope;
 mod mesh;
-mod oversize;
 mod reflection;
 mod registry;
 mod trace;
+mod transport;
 mod validate;
 
 pub use envelope::Limits;
+pub use registry::RegistryLimits;
 
 /// How a node is set up, beyond its store and listener.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub limits: Limits,
+    pub registry: RegistryLimits,
     /// Store events of types with no registered schema unvalidated, instead of
     /// rejecting them. Types with a schema are always validated.
     pub allow_unregistered: bool,
@@ -46,6 +48,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
+            registry: RegistryLimits::default(),
             allow_unregistered: false,
             trace_events: false,
             shutdown_grace: std::time::Duration::from_secs(10),
@@ -72,7 +75,14 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let (down_tx, down_rx) = watch::channel(false);
-    let decode_limit = (config.limits.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
+    // Room for the largest event an envelope check accepts, so that every stored
+    // event fits a delivery too.
+    let decode_limit =
+        (config.limits.max_payload_bytes + config.limits.max_envelope_overhead() + 64 * 1024)
+            .max(4 * 1024 * 1024);
+    // A registration's reply carries the normalised schema, at most what was sent.
+    let registry_limit =
+        decode_limit.max(config.registry.schema.max_bytes.saturating_add(64 * 1024));
     let catalogs = Arc::new(catalog::Catalogs::new(&[
         evmesh_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -94,9 +104,10 @@ pub async fn serve<S: Store>(
     let registry = SchemaRegistryServer::new(registry::RegistryService::new(
         store.clone(),
         catalogs.clone(),
+        config.registry.clone(),
     ))
-    .max_decoding_message_size(decode_limit)
-    .max_encoding_message_size(decode_limit);
+    .max_decoding_message_size(registry_limit)
+    .max_encoding_message_size(registry_limit);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -117,9 +128,8 @@ pub async fn serve<S: Store>(
     // Nagle's algorithm would hold small responses back for tens of milliseconds.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversize::resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(transport::response))
+        .layer(transport::CatchPanicLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::mesh_server::Mesh;
+use evmesh_schema::quoted;
 use evmesh_store::{Feedback, Pattern, Store, Subscription, SubscriptionSpec};
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,6 +25,17 @@ const PUBLISH_BATCH: usize = 1024;
 const PUBLISH_PIPELINE: usize = 32;
 const MAX_CHAIN: u32 = 10_000;
 const MAX_DEAD_LETTERS: u32 = 1_000;
+/// Patterns one subscription may carry.
+pub(crate) const MAX_PATTERNS: usize = 64;
+/// Longest pattern, its version requirement included, in bytes.
+pub(crate) const MAX_PATTERN_LEN: usize = evmesh_store::MAX_TYPE_LEN + 64;
+/// Longest ack timeout and nack delay accepted.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest nack reason kept, in bytes; a longer one is cut at a character boundary.
+pub(crate) const MAX_REASON_LEN: usize = 1024;
+/// Bytes of events one chain or dead-letter reply carries at most, well under the
+/// 4 MiB a client takes by default; at least one event is always sent.
+const MAX_REPLY_BYTES: usize = 3 * 1024 * 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -66,11 +78,27 @@ impl<S: Store> MeshService<S> {
         }
     }
 
-    /// The envelope checks, then the payload against its registered schema.
+    /// The envelope checks, then the payload against its registered schema. A panic
+    /// in either rejects this one event with INTERNAL.
     fn accept(&self, catalog: &Catalog, event: Option<pb::Event>) -> Result<pb::Event, Rejection> {
-        let mut event = envelope::accept(event, &self.limits)?;
-        validate::payload(catalog, &mut event, self.allow_unregistered)?;
-        Ok(event)
+        let id = event.as_ref().map(|e| e.id.clone()).unwrap_or_default();
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut event = envelope::accept(event, &self.limits)?;
+            validate::payload(catalog, &mut event, self.allow_unregistered)?;
+            Ok(event)
+        }));
+        checked.unwrap_or_else(|_| {
+            tracing::error!(event_id = %evmesh_schema::quoted(&id), "validation panicked on an event");
+            Err(Rejection {
+                code: tonic::Code::Internal,
+                violations: vec![pb::Violation {
+                    rule: "INTERNAL".into(),
+                    path: "event".into(),
+                    message: "the node failed while validating this event (its log has the panic); it was not stored".into(),
+                }],
+                event_id: id,
+            })
+        })
     }
 }
 
@@ -107,6 +135,57 @@ fn ack(event_id: String, correlation_id: String, a: evmesh_store::Appended) -> p
 }
 
 impl<S: Store> MeshService<S> {
+    /// Reads a publish stream: takes whatever has already arrived as one batch,
+    /// validates it and queues it, in stream order.
+    async fn read_publishes(
+        &self,
+        mut inbound: Streaming<pb::PublishRequest>,
+        steps: mpsc::Sender<Step>,
+    ) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let first = tokio::select! {
+                m = inbound.message() => m,
+                _ = shutdown.wait_for(|&down| down) => break,
+            };
+            let first = match first {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = steps.send(Step::End(crate::transport::status(e))).await;
+                    break;
+                }
+            };
+            // Take whatever else has already arrived: one batch, one commit.
+            let mut requests = vec![first];
+            let mut end = None;
+            while requests.len() < PUBLISH_BATCH {
+                match inbound.message().now_or_never() {
+                    Some(Ok(Some(m))) => requests.push(m),
+                    Some(Ok(None)) => {
+                        end = Some(None);
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        end = Some(Some(crate::transport::status(e)));
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let batch = Step::Batch(self.start_batch(requests).await);
+            if steps.send(batch).await.is_err() {
+                break;
+            }
+            if let Some(end) = end {
+                if let Some(status) = end {
+                    let _ = steps.send(Step::End(status)).await;
+                }
+                break;
+            }
+        }
+    }
+
     /// Validates one batch and queues its valid events, in stream order.
     async fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
         let mut slots = Vec::with_capacity(requests.len());
@@ -131,12 +210,26 @@ impl<S: Store> MeshService<S> {
     }
 }
 
+/// What the reader of a publish stream hands its responder, in stream order.
+enum Step {
+    Batch(Batch),
+    /// The stream ends with this status once every batch before it is answered.
+    End(Status),
+}
+
 /// Answers batches in order, as their appends commit.
 async fn respond(
-    mut batches: mpsc::Receiver<Batch>,
+    mut steps: mpsc::Receiver<Step>,
     out: mpsc::Sender<Result<pb::PublishResponse, Status>>,
 ) {
-    while let Some(batch) = batches.recv().await {
+    while let Some(step) = steps.recv().await {
+        let batch = match step {
+            Step::Batch(batch) => batch,
+            Step::End(status) => {
+                let _ = out.send(Err(status)).await;
+                return;
+            }
+        };
         let appended = match batch.appended {
             Ok(ticket) => ticket.wait().await.map_err(status),
             Err(e) => Err(status(e)),
@@ -178,12 +271,26 @@ fn spec(open: pb::SubscribeOpen) -> Result<SubscriptionSpec, Status> {
             "open.patterns: at least one pattern is required",
         ));
     }
+    if open.patterns.len() > MAX_PATTERNS {
+        return Err(Status::invalid_argument(format!(
+            "open.patterns has {} patterns, at most {MAX_PATTERNS} allowed",
+            open.patterns.len()
+        )));
+    }
     let patterns = open
         .patterns
         .iter()
         .map(|p| {
-            Pattern::parse(p)
-                .map_err(|e| Status::invalid_argument(format!("open.patterns: pattern {p:?} {e}")))
+            if p.len() > MAX_PATTERN_LEN {
+                return Err(Status::invalid_argument(format!(
+                    "open.patterns: pattern {} is {} bytes long, at most {MAX_PATTERN_LEN} allowed",
+                    quoted(p),
+                    p.len()
+                )));
+            }
+            Pattern::parse(p).map_err(|e| {
+                Status::invalid_argument(format!("open.patterns: pattern {} {e}", quoted(p)))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let group = if open.group.is_empty() {
@@ -191,8 +298,8 @@ fn spec(open: pb::SubscribeOpen) -> Result<SubscriptionSpec, Status> {
     } else {
         evmesh_store::validate_event_type(&open.group).map_err(|e| {
             Status::invalid_argument(format!(
-                "open.group {:?} {e}: use dotted lowercase tokens such as shipping.orders",
-                open.group
+                "open.group {} {e}: use dotted lowercase tokens such as shipping.orders",
+                quoted(&open.group)
             ))
         })?;
         Some(open.group)
@@ -214,10 +321,11 @@ fn spec(open: pb::SubscribeOpen) -> Result<SubscriptionSpec, Status> {
     }
     if let Some(timeout) = &open.ack_timeout {
         let timeout = convert::from_duration(timeout, "open.ack_timeout")?;
-        if timeout < Duration::from_millis(10) {
-            return Err(Status::invalid_argument(
-                "open.ack_timeout must be at least 10ms",
-            ));
+        if timeout < Duration::from_millis(10) || timeout > MAX_DELAY {
+            return Err(Status::invalid_argument(format!(
+                "open.ack_timeout must be from 10ms to {}",
+                humantime_secs(MAX_DELAY)
+            )));
         }
         spec.ack_timeout = timeout;
     }
@@ -228,9 +336,42 @@ fn spec(open: pb::SubscribeOpen) -> Result<SubscriptionSpec, Status> {
     Ok(spec)
 }
 
+fn humantime_secs(d: Duration) -> String {
+    format!("{}h", d.as_secs() / 3600)
+}
+
+/// Cuts a nack reason to [`MAX_REASON_LEN`] bytes at a character boundary.
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
+}
+
+/// A nack's delay: absent is at once; negative or over [`MAX_DELAY`] is refused.
+fn nack_delay(delay: Option<prost_types::Duration>) -> Result<Duration, Status> {
+    let Some(delay) = delay else {
+        return Ok(Duration::ZERO);
+    };
+    let delay = convert::from_duration(&delay, "nack.delay")?;
+    if delay > MAX_DELAY {
+        return Err(Status::invalid_argument(format!(
+            "nack.delay must be at most {}",
+            humantime_secs(MAX_DELAY)
+        )));
+    }
+    Ok(delay)
+}
+
 fn deliveries(
     subscription: Subscription,
     shutdown: watch::Receiver<bool>,
+    refused: oneshot::Receiver<Status>,
 ) -> BoxStream<pb::SubscribeResponse> {
     let subscribed = pb::SubscribeResponse {
         response: Some(pb::subscribe_response::Response::Subscribed(
@@ -243,27 +384,43 @@ fn deliveries(
         )),
     };
     let first = tokio_stream::once(Ok(subscribed));
-    let rest = futures_util::stream::unfold(Some(subscription), move |state| {
+    let rest = futures_util::stream::unfold(Some((subscription, Some(refused))), move |state| {
         let mut shutdown = shutdown.clone();
         async move {
-            let mut subscription = state?;
-            tokio::select! {
-                delivery = subscription.next() => match delivery {
-                    Some(d) => {
-                        let response = pb::SubscribeResponse {
-                            response: Some(pb::subscribe_response::Response::Delivery(pb::Delivery {
-                                sequence: d.event.sequence,
-                                attempt: d.attempt,
-                                event: Some(d.event.event.clone()),
-                            })),
-                        };
-                        Some((Ok(response), Some(subscription)))
+            let (mut subscription, mut refused) = state?;
+            loop {
+                let refusal = async {
+                    match refused.as_mut() {
+                        Some(r) => r.await.ok(),
+                        None => std::future::pending().await,
                     }
-                    None => Some((Err(Status::unavailable("node is shutting down")), None)),
-                },
-                _ = shutdown.wait_for(|&down| down) => {
-                    Some((Err(Status::unavailable("node is shutting down")), None))
-                }
+                };
+                return tokio::select! {
+                    delivery = subscription.next() => match delivery {
+                        Some(d) => {
+                            let response = pb::SubscribeResponse {
+                                response: Some(pb::subscribe_response::Response::Delivery(pb::Delivery {
+                                    sequence: d.event.sequence,
+                                    attempt: d.attempt,
+                                    event: Some(d.event.event.clone()),
+                                })),
+                            };
+                            Some((Ok(response), Some((subscription, refused))))
+                        }
+                        None => Some((Err(Status::unavailable("node is shutting down")), None)),
+                    },
+                    status = refusal => match status {
+                        Some(status) => Some((Err(status), None)),
+                        // The subscriber closed its side: deliveries go on.
+                        None => {
+                            refused = None;
+                            continue;
+                        }
+                    },
+                    _ = shutdown.wait_for(|&down| down) => {
+                        Some((Err(Status::unavailable("node is shutting down")), None))
+                    }
+                };
             }
         }
     });
@@ -271,10 +428,12 @@ fn deliveries(
 }
 
 /// Reads acks and nacks until the subscriber closes its side.
+/// A bad ack or nack ends the subscription with the status sent on `refuse`.
 async fn feedback(
     mut inbound: Streaming<pb::SubscribeRequest>,
     control: evmesh_store::SubscriptionControl,
     mut shutdown: watch::Receiver<bool>,
+    refuse: oneshot::Sender<Status>,
 ) {
     use pb::subscribe_request::Request as R;
     loop {
@@ -294,13 +453,16 @@ async fn feedback(
         };
         let feedback = match message.request {
             Some(R::Ack(ack)) => Feedback::Ack(ack.sequences),
-            Some(R::Nack(nack)) => Feedback::Nack {
-                sequences: nack.sequences,
-                delay: nack
-                    .delay
-                    .and_then(|d| Duration::try_from(d).ok())
-                    .unwrap_or(Duration::ZERO),
-                reason: nack.reason,
+            Some(R::Nack(nack)) => match nack_delay(nack.delay) {
+                Ok(delay) => Feedback::Nack {
+                    sequences: nack.sequences,
+                    delay,
+                    reason: bounded_reason(nack.reason),
+                },
+                Err(status) => {
+                    let _ = refuse.send(status);
+                    return;
+                }
             },
             Some(R::Open(_)) | None => {
                 tracing::debug!("ignoring a second open on a subscribe stream");
@@ -321,6 +483,20 @@ fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// The leading items that fit [`MAX_REPLY_BYTES`], at least one.
+fn within_reply<T: prost::Message>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for item in items {
+        bytes += item.encoded_len() + 8;
+        if bytes > MAX_REPLY_BYTES && !out.is_empty() {
+            break;
+        }
+        out.push(item);
+    }
+    out
+}
+
 fn limit(requested: u32, max: u32) -> usize {
     if requested == 0 || requested > max {
         max as usize
@@ -338,52 +514,26 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (batches_tx, batches_rx) = mpsc::channel(PUBLISH_PIPELINE);
+        let inbound = request.into_inner();
+        let (steps_tx, steps_rx) = mpsc::channel(PUBLISH_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(PUBLISH_BATCH);
-        tokio::spawn(respond(batches_rx, out_tx.clone()));
+        tokio::spawn(respond(steps_rx, out_tx));
         let this = self.clone_handle();
         tokio::spawn(async move {
-            let mut shutdown = this.shutdown.clone();
-            loop {
-                let first = tokio::select! {
-                    m = inbound.message() => m,
-                    _ = shutdown.wait_for(|&down| down) => break,
-                };
-                let first = match first {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = out_tx.send(Err(crate::oversize::status(e))).await;
-                        break;
-                    }
-                };
-                // Take whatever else has already arrived: one batch, one commit.
-                let mut requests = vec![first];
-                let mut ended = false;
-                while requests.len() < PUBLISH_BATCH {
-                    match inbound.message().now_or_never() {
-                        Some(Ok(Some(m))) => requests.push(m),
-                        Some(Ok(None)) => {
-                            ended = true;
-                            break;
-                        }
-                        Some(Err(e)) => {
-                            let _ = out_tx.send(Err(crate::oversize::status(e))).await;
-                            ended = true;
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                if batches_tx
-                    .send(this.start_batch(requests).await)
-                    .await
-                    .is_err()
-                    || ended
-                {
-                    break;
-                }
+            let read = this.read_publishes(inbound, steps_tx.clone());
+            // Whatever happens to the reader, the stream never ends with OK while
+            // something it was sent is unanswered.
+            if std::panic::AssertUnwindSafe(read)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("a publish stream's reader panicked");
+                let _ = steps_tx
+                    .send(Step::End(Status::internal(
+                        "the node failed while reading this publish stream (its log has the panic); events after the last answered one were not stored",
+                    )))
+                    .await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -430,14 +580,17 @@ impl<S: Store> Mesh for MeshService<S> {
         };
         let subscription = self.store.subscribe(spec(open)?).await.map_err(status)?;
         tracing::debug!(group = %subscription.group, member = %subscription.member_id, "subscribed");
+        let (refuse, refused) = oneshot::channel();
         tokio::spawn(feedback(
             inbound,
             subscription.control(),
             self.shutdown.clone(),
+            refuse,
         ));
         Ok(Response::new(deliveries(
             subscription,
             self.shutdown.clone(),
+            refused,
         )))
     }
 
@@ -447,19 +600,20 @@ impl<S: Store> Mesh for MeshService<S> {
     ) -> Result<Response<pb::GetChainResponse>, Status> {
         let request = request.into_inner();
         let correlation_id = required(&request.correlation_id, "correlation_id")?;
-        let events = self
+        let wanted = limit(request.limit, MAX_CHAIN);
+        let stored = self
             .store
-            .chain(correlation_id, limit(request.limit, MAX_CHAIN))
+            .chain(correlation_id, request.after_sequence, wanted)
             .await
             .map_err(status)?;
+        let found = stored.len();
+        let events = within_reply(stored.into_iter().map(|e| pb::ChainEvent {
+            sequence: e.sequence,
+            event: Some(e.event),
+        }));
         Ok(Response::new(pb::GetChainResponse {
-            events: events
-                .into_iter()
-                .map(|e| pb::ChainEvent {
-                    sequence: e.sequence,
-                    event: Some(e.event),
-                })
-                .collect(),
+            more: events.len() < found || found == wanted,
+            events,
         }))
     }
 
@@ -495,17 +649,17 @@ impl<S: Store> Mesh for MeshService<S> {
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let request = request.into_inner();
         let group = required(&request.group, "group")?;
+        let wanted = limit(request.limit, MAX_DEAD_LETTERS);
         let letters = self
             .store
-            .dead_letters(
-                group,
-                request.after_sequence,
-                limit(request.limit, MAX_DEAD_LETTERS),
-            )
+            .dead_letters(group, request.after_sequence, wanted)
             .await
             .map_err(status)?;
+        let found = letters.len();
+        let dead_letters = within_reply(letters.into_iter().map(convert::dead_letter));
         Ok(Response::new(pb::ListDeadLettersResponse {
-            dead_letters: letters.into_iter().map(convert::dead_letter).collect(),
+            more: dead_letters.len() < found || found == wanted,
+            dead_letters,
         }))
     }
 

@@ -8,7 +8,10 @@ use std::time::SystemTime;
 
 use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::schema_registry_server::SchemaRegistry;
-use evmesh_schema::{Bump, Decision, Outcome, Registered, Schema, decide, declared_bump};
+use evmesh_schema::{
+    Bump, Decision, Outcome, Registered, Schema, SchemaError, SchemaLimits, decide, declared_bump,
+    parse_version, quoted,
+};
 use evmesh_store::{SchemaRecord, Store};
 use semver::Version;
 use tokio::sync::Mutex;
@@ -17,11 +20,59 @@ use tonic::{Request, Response, Status};
 use crate::catalog::{Catalogs, Entry};
 use crate::convert::status;
 
+/// What the registry accepts.
+#[derive(Debug, Clone)]
+pub struct RegistryLimits {
+    pub schema: SchemaLimits,
+    /// Versions one event type may have.
+    pub max_versions: usize,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        Self {
+            schema: SchemaLimits::default(),
+            max_versions: 100,
+        }
+    }
+}
+
+/// Longest payload message name accepted, in bytes.
+const MAX_MESSAGE_NAME_LEN: usize = 1024;
+/// Changes and violations a response lists; the rest are counted.
+const MAX_LISTED_CHANGES: usize = 1000;
+
 pub(crate) struct RegistryService<S> {
     store: S,
     catalogs: Arc<Catalogs>,
+    limits: Arc<RegistryLimits>,
     /// Registrations are decided and stored one at a time.
     writing: Mutex<()>,
+}
+
+/// Runs the registry's CPU work (decoding, validating and comparing descriptor sets,
+/// rebuilding the catalog) on a blocking thread: it never holds up the async runtime,
+/// and a panic there fails this one request with INTERNAL.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => {
+            tracing::error!(error = %e, "the registry panicked on a request");
+            Err(Status::internal(
+                "the registry failed on this request (the node's log has the panic); nothing was registered",
+            ))
+        }
+        Err(_) => Err(Status::unavailable("node is shutting down")),
+    }
+}
+
+fn schema_status(e: SchemaError) -> Status {
+    match e {
+        SchemaError::TooLarge(_) => Status::resource_exhausted(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
 }
 
 /// Loads every stored schema into the catalog; a stored schema that no longer
@@ -33,7 +84,13 @@ pub(crate) async fn load<S: Store>(
     let mut types: BTreeMap<String, BTreeMap<Version, Arc<Entry>>> = BTreeMap::new();
     let mut loaded = 0;
     for record in store.schemas().await? {
-        match Schema::new(&record.descriptor_set, &record.message_name) {
+        // Accepted once; a lower limit set since must not drop it.
+        let schema = Schema::with_limits(
+            &record.descriptor_set,
+            &record.message_name,
+            &SchemaLimits::none(),
+        );
+        match schema {
             Ok(schema) => {
                 loaded += 1;
                 types.entry(record.event_type).or_default().insert(
@@ -68,33 +125,54 @@ struct Candidate {
     schema: Schema,
 }
 
-fn candidate(request: pb::RegisterSchemaRequest) -> Result<Candidate, Status> {
-    evmesh_store::validate_event_type(&request.r#type)
-        .map_err(|e| Status::invalid_argument(format!("type {:?} {e}", request.r#type)))?;
-    let version = if request.version.is_empty() {
-        None
-    } else {
-        Some(Version::parse(&request.version).map_err(|e| {
-            Status::invalid_argument(format!("version {:?} is not semver: {e}", request.version))
-        })?)
-    };
+fn event_type(ty: &str) -> Result<(), Status> {
+    evmesh_store::validate_event_type(ty)
+        .map_err(|e| Status::invalid_argument(format!("type {} {e}", quoted(ty))))
+}
+
+fn version(v: &str, field: &str) -> Result<Option<Version>, Status> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    parse_version(v)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("{field} {e}")))
+}
+
+fn candidate(
+    request: pb::RegisterSchemaRequest,
+    limits: &SchemaLimits,
+) -> Result<Candidate, Status> {
+    event_type(&request.r#type)?;
+    let version = version(&request.version, "version")?;
     if request.message_name.is_empty() {
         return Err(Status::invalid_argument(
             "message_name is required, e.g. shop.v1.OrderPlaced",
         ));
+    }
+    if request.message_name.len() > MAX_MESSAGE_NAME_LEN {
+        return Err(Status::invalid_argument(format!(
+            "message_name {} is {} bytes long, at most {MAX_MESSAGE_NAME_LEN} allowed",
+            quoted(&request.message_name),
+            request.message_name.len()
+        )));
     }
     if request.descriptor_set.is_empty() {
         return Err(Status::invalid_argument(
             "descriptor_set is required: an encoded FileDescriptorSet",
         ));
     }
-    let schema = Schema::new(&request.descriptor_set, &request.message_name)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let schema = Schema::with_limits(&request.descriptor_set, &request.message_name, limits)
+        .map_err(schema_status)?;
     Ok(Candidate {
         event_type: request.r#type,
         version,
         schema,
     })
+}
+
+fn omitted(d: &Decision) -> u32 {
+    u32::try_from(d.verdict.changes.len().saturating_sub(MAX_LISTED_CHANGES)).unwrap_or(u32::MAX)
 }
 
 fn schema_message(
@@ -116,11 +194,13 @@ fn schema_message(
     }
 }
 
+/// The first [`MAX_LISTED_CHANGES`] changes; the response counts the rest.
 fn changes(decision: &Decision) -> Vec<pb::SchemaChange> {
     decision
         .verdict
         .changes
         .iter()
+        .take(MAX_LISTED_CHANGES)
         .map(|c| pb::SchemaChange {
             rule: c.rule.to_owned(),
             path: c.path.clone(),
@@ -130,11 +210,13 @@ fn changes(decision: &Decision) -> Vec<pb::SchemaChange> {
         .collect()
 }
 
-/// One line per violation, for a status message.
+/// One line per violation, for a status message: the first few, then how many more.
 fn explain(event_type: &str, d: &Decision) -> String {
-    let lines: Vec<String> = d
+    const SHOWN: usize = 8;
+    let mut lines: Vec<String> = d
         .violations
         .iter()
+        .take(SHOWN)
         .map(|v| {
             format!(
                 "{} {}: {} (needs {} against {})",
@@ -142,6 +224,12 @@ fn explain(event_type: &str, d: &Decision) -> String {
             )
         })
         .collect();
+    if d.violations.len() > SHOWN {
+        lines.push(format!(
+            "and {} more (evmesh schema check lists them all)",
+            d.violations.len() - SHOWN
+        ));
+    }
     format!(
         "version {} of {event_type} is too small for its changes; the smallest valid version is {}: {}",
         d.version,
@@ -151,31 +239,51 @@ fn explain(event_type: &str, d: &Decision) -> String {
 }
 
 impl<S: Store> RegistryService<S> {
-    pub(crate) fn new(store: S, catalogs: Arc<Catalogs>) -> Self {
+    pub(crate) fn new(store: S, catalogs: Arc<Catalogs>, limits: RegistryLimits) -> Self {
         Self {
             store,
             catalogs,
+            limits: Arc::new(limits),
             writing: Mutex::new(()),
         }
     }
 
-    fn decide(&self, c: &Candidate) -> Decision {
-        let catalog = self.catalogs.load();
-        let existing: Vec<Registered<'_>> = catalog
-            .types
-            .get(&c.event_type)
-            .map(|versions| {
-                versions
-                    .iter()
-                    .map(|(version, entry)| Registered {
-                        version,
-                        schema: &entry.schema,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        decide(&existing, &c.schema, c.version.as_ref())
+    /// Decodes and validates the candidate and decides on it against the current
+    /// catalog, off the runtime.
+    async fn judge(
+        &self,
+        request: pb::RegisterSchemaRequest,
+    ) -> Result<(Candidate, Decision), Status> {
+        let catalogs = self.catalogs.clone();
+        let limits = self.limits.clone();
+        off_runtime(move || {
+            let c = candidate(request, &limits.schema)?;
+            if let Some(clash) = catalogs.clash(&c.schema) {
+                return Err(Status::invalid_argument(clash));
+            }
+            let decision = decide_on(&catalogs, &c);
+            Ok((c, decision))
+        })
+        .await
     }
+}
+
+fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Decision {
+    let catalog = catalogs.load();
+    let existing: Vec<Registered<'_>> = catalog
+        .types
+        .get(&c.event_type)
+        .map(|versions| {
+            versions
+                .iter()
+                .map(|(version, entry)| Registered {
+                    version,
+                    schema: &entry.schema,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    decide(&existing, &c.schema, c.version.as_ref())
 }
 
 #[tonic::async_trait]
@@ -184,9 +292,9 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         &self,
         request: Request<pb::RegisterSchemaRequest>,
     ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
-        let c = candidate(request.into_inner())?;
+        let request = request.into_inner();
         let _writing = self.writing.lock().await;
-        let decision = self.decide(&c);
+        let (c, decision) = self.judge(request).await?;
         match decision.outcome {
             Outcome::Existing => {
                 let catalog = self.catalogs.load();
@@ -197,6 +305,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
                     schema: Some(schema_message(&c.event_type, version, entry, true)),
                     created: false,
                     changes: Vec::new(),
+                    omitted_changes: 0,
                 }))
             }
             Outcome::Conflict => Err(Status::already_exists(format!(
@@ -208,6 +317,18 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
                 &decision,
             ))),
             Outcome::Accepted => {
+                let held = self
+                    .catalogs
+                    .load()
+                    .types
+                    .get(&c.event_type)
+                    .map_or(0, BTreeMap::len);
+                if held >= self.limits.max_versions {
+                    return Err(Status::resource_exhausted(format!(
+                        "type {} has {held} versions, at most {} allowed (--max-schema-versions)",
+                        c.event_type, self.limits.max_versions
+                    )));
+                }
                 let registered_at = SystemTime::now();
                 self.store
                     .put_schema(SchemaRecord {
@@ -224,16 +345,19 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
                     registered_at,
                 };
                 let schema = schema_message(&c.event_type, &decision.version, &entry, true);
-                self.catalogs.replace(self.catalogs.with(
-                    &c.event_type,
-                    decision.version.clone(),
-                    entry,
-                ));
+                let catalogs = self.catalogs.clone();
+                let (event_type, version) = (c.event_type.clone(), decision.version.clone());
+                off_runtime(move || {
+                    catalogs.replace(catalogs.with(&event_type, version, entry));
+                    Ok(())
+                })
+                .await?;
                 tracing::info!(event_type = %c.event_type, version = %decision.version, "schema registered");
                 Ok(Response::new(pb::RegisterSchemaResponse {
                     schema: Some(schema),
                     created: true,
                     changes: changes(&decision),
+                    omitted_changes: omitted(&decision),
                 }))
             }
         }
@@ -243,8 +367,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         &self,
         request: Request<pb::RegisterSchemaRequest>,
     ) -> Result<Response<pb::CheckSchemaResponse>, Status> {
-        let c = candidate(request.into_inner())?;
-        let d = self.decide(&c);
+        let (_, d) = self.judge(request.into_inner()).await?;
         let declared = d
             .predecessor
             .as_ref()
@@ -261,9 +384,15 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
             required_bump: bump(d.verdict.needs) as i32,
             declared_bump: bump(declared) as i32,
             changes: changes(&d),
+            omitted_changes: omitted(&d),
+            omitted_violations: u32::try_from(
+                d.violations.len().saturating_sub(MAX_LISTED_CHANGES),
+            )
+            .unwrap_or(u32::MAX),
             violations: d
                 .violations
                 .iter()
+                .take(MAX_LISTED_CHANGES)
                 .map(|v| pb::SchemaViolation {
                     rule: v.rule.clone(),
                     path: v.path.clone(),
@@ -285,23 +414,15 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         if request.r#type.is_empty() {
             return Err(Status::invalid_argument("type is required"));
         }
-        let version = if request.version.is_empty() {
-            None
-        } else {
-            Some(Version::parse(&request.version).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "version {:?} is not semver: {e}",
-                    request.version
-                ))
-            })?)
-        };
+        event_type(&request.r#type)?;
+        let version = version(&request.version, "version")?;
         let catalog = self.catalogs.load();
         let (version, entry) = catalog
             .resolve(&request.r#type, version.as_ref())
             .ok_or_else(|| match catalog.types.get(&request.r#type) {
                 None => Status::not_found(format!(
-                    "no schema is registered for type {:?}",
-                    request.r#type
+                    "no schema is registered for type {}",
+                    quoted(&request.r#type)
                 )),
                 Some(versions) => Status::not_found(format!(
                     "version {} of {} is not registered; registered: {}",

@@ -4,7 +4,10 @@
 //! unknown fields.
 
 use evmesh_proto::v1::{Event, Violation};
-use prost_reflect::{DynamicMessage, Kind, MessageDescriptor, Value};
+use evmesh_schema::quoted;
+use prost_reflect::{
+    Cardinality, DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage, Value,
+};
 use semver::Version;
 use tonic::Code;
 
@@ -88,7 +91,9 @@ pub(crate) fn payload(
             event,
         ));
     }
-    if clean(message, &payload.value, 0) {
+    // The walk does not track presence, so a schema with required fields always
+    // takes the full decode.
+    if !entry.schema.has_required_fields() && clean(message, &payload.value, 0) {
         event.schema_version = version.to_string();
         return Ok(());
     }
@@ -109,20 +114,41 @@ pub(crate) fn payload(
             ));
         }
     };
-    let mut unknown = Vec::new();
-    unknown_fields(&decoded, "event.payload", &mut unknown);
-    if !unknown.is_empty() {
-        let violations = unknown
+    let mut found = Found::default();
+    walk(&decoded, "event.payload", &mut found);
+    if found.total > 0 {
+        let mut violations: Vec<Violation> = found
+            .listed
             .into_iter()
-            .map(|(path, number)| Violation {
-                rule: "PAYLOAD_UNKNOWN_FIELD".into(),
-                message: format!(
-                    "{path} has field number {number}, which {} {version} does not define",
-                    event.r#type
-                ),
-                path,
+            .map(|(path, problem)| match problem {
+                Problem::Unknown(number) => Violation {
+                    rule: "PAYLOAD_UNKNOWN_FIELD".into(),
+                    message: format!(
+                        "{path} has field number {number}, which {} {version} does not define",
+                        event.r#type
+                    ),
+                    path,
+                },
+                Problem::Missing(name) => Violation {
+                    rule: "PAYLOAD_REQUIRED_FIELD".into(),
+                    message: format!(
+                        "{path}.{name} is required by {} {version} and missing",
+                        event.r#type
+                    ),
+                    path: format!("{path}.{name}"),
+                },
             })
             .collect();
+        if found.total > violations.len() {
+            violations.push(Violation {
+                rule: "PAYLOAD_MORE_VIOLATIONS".into(),
+                path: "event.payload".into(),
+                message: format!(
+                    "and {} more violations in event.payload",
+                    found.total - violations.len()
+                ),
+            });
+        }
         return Err(Rejection {
             code: Code::InvalidArgument,
             violations,
@@ -259,28 +285,64 @@ fn skip(bytes: &mut &[u8], n: usize) -> bool {
     }
 }
 
-/// Every unknown field in the message tree: (path, field number).
-fn unknown_fields(message: &DynamicMessage, path: &str, out: &mut Vec<(String, u32)>) {
-    for field in message.unknown_fields() {
-        out.push((path.to_owned(), field.number()));
-    }
-    for (field, value) in message.fields() {
-        let path = format!("{path}.{}", field.name());
-        value_unknowns(value, &path, out);
+/// Violations of one payload listed at most; the rest are counted.
+const MAX_LISTED: usize = 32;
+
+enum Problem {
+    /// A field number the schema does not define.
+    Unknown(u32),
+    /// A required field that is not set.
+    Missing(String),
+}
+
+/// What the walk of a decoded payload found: the first [`MAX_LISTED`] problems
+/// with their paths, and how many in all.
+#[derive(Default)]
+struct Found {
+    listed: Vec<(String, Problem)>,
+    total: usize,
+}
+
+impl Found {
+    fn add(&mut self, path: &str, problem: Problem) {
+        self.total += 1;
+        if self.listed.len() < MAX_LISTED {
+            self.listed.push((path.to_owned(), problem));
+        }
     }
 }
 
-fn value_unknowns(value: &Value, path: &str, out: &mut Vec<(String, u32)>) {
+/// Every unknown field and missing required field in the message tree.
+fn walk(message: &DynamicMessage, path: &str, found: &mut Found) {
+    for field in message.unknown_fields() {
+        found.add(path, Problem::Unknown(field.number()));
+    }
+    for field in message.descriptor().fields() {
+        if field.cardinality() == Cardinality::Required && !message.has_field(&field) {
+            found.add(path, Problem::Missing(field.name().to_owned()));
+        }
+    }
+    for (field, value) in message.fields() {
+        let path = format!("{path}.{}", field.name());
+        walk_value(value, &path, found);
+    }
+}
+
+fn walk_value(value: &Value, path: &str, found: &mut Found) {
     match value {
-        Value::Message(m) => unknown_fields(m, path, out),
+        Value::Message(m) => walk(m, path, found),
         Value::List(items) => {
             for (i, item) in items.iter().enumerate() {
-                value_unknowns(item, &format!("{path}[{i}]"), out);
+                walk_value(item, &format!("{path}[{i}]"), found);
             }
         }
         Value::Map(entries) => {
             for (key, item) in entries {
-                value_unknowns(item, &format!("{path}[{key:?}]"), out);
+                let key = match key {
+                    MapKey::String(s) => quoted(s),
+                    other => format!("{other:?}"),
+                };
+                walk_value(item, &format!("{path}[{key}]"), found);
             }
         }
         _ => {}
@@ -397,9 +459,9 @@ mod tests {
     fn decodes_clean(catalog: &Catalog, bytes: &[u8]) -> bool {
         match DynamicMessage::decode(order_message(catalog), bytes) {
             Ok(m) => {
-                let mut unknown = Vec::new();
-                unknown_fields(&m, "", &mut unknown);
-                unknown.is_empty()
+                let mut found = Found::default();
+                walk(&m, "", &mut found);
+                found.total == 0
             }
             Err(_) => false,
         }

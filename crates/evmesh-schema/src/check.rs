@@ -1,12 +1,13 @@
 //! The compatibility checker: every difference between two versions of a schema
 //! over the types reachable from the payload message, each with what it needs.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 
 use prost_reflect::{Cardinality, EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor};
 use prost_types::descriptor_proto::ReservedRange;
 use prost_types::enum_descriptor_proto::EnumReservedRange;
+use prost_types::{DescriptorProto, EnumDescriptorProto};
 
 use crate::Schema;
 
@@ -64,7 +65,15 @@ pub fn compare(old: &Schema, new: &Schema) -> Verdict {
             ),
         );
     }
-    checker.message(o, n);
+    checker.todo.push_back(Pair::Messages(o.clone(), n.clone()));
+    // A queue, not recursion: a chain of thousands of nested types must not grow the
+    // stack.
+    while let Some(pair) = checker.todo.pop_front() {
+        match pair {
+            Pair::Messages(o, n) => checker.message(&o, &n),
+            Pair::Enums(o, n) => checker.enumeration(&o, &n),
+        }
+    }
     for added in new
         .pool()
         .all_messages()
@@ -111,13 +120,20 @@ pub fn compare(old: &Schema, new: &Schema) -> Verdict {
     }
 }
 
+/// Two versions of one type, still to compare.
+enum Pair {
+    Messages(MessageDescriptor, MessageDescriptor),
+    Enums(EnumDescriptor, EnumDescriptor),
+}
+
 #[derive(Default)]
 struct Checker {
     changes: Vec<Change>,
     seen: HashSet<(String, String)>,
+    todo: VecDeque<Pair>,
 }
 
-fn kind_name(kind: &Kind) -> String {
+pub(crate) fn kind_name(kind: &Kind) -> String {
     match kind {
         Kind::Message(m) => m.full_name().to_owned(),
         Kind::Enum(e) => e.full_name().to_owned(),
@@ -143,32 +159,107 @@ fn real_oneof(f: &FieldDescriptor) -> Option<String> {
         .map(|o| o.name().to_owned())
 }
 
-fn in_ranges(n: i32, ranges: &[(i32, i32)]) -> bool {
-    ranges.iter().any(|&(start, end)| n >= start && n < end)
+/// Reserved numbers and names of one type. Membership and coverage are binary
+/// searches over the merged ranges, so a type with many ranges costs n log n to
+/// compare, not n².
+struct Reserved<'a> {
+    /// Half-open, as declared.
+    ranges: Vec<(i64, i64)>,
+    /// Sorted, disjoint and not adjacent.
+    merged: Vec<(i64, i64)>,
+    names: &'a [String],
+    name_set: HashSet<&'a str>,
 }
 
-fn message_reserved(m: &MessageDescriptor) -> Vec<(i32, i32)> {
-    m.descriptor_proto()
-        .reserved_range
-        .iter()
-        .map(|r: &ReservedRange| (r.start(), r.end()))
-        .collect()
+impl<'a> Reserved<'a> {
+    fn new(ranges: Vec<(i64, i64)>, names: &'a [String]) -> Self {
+        let mut sorted: Vec<(i64, i64)> = ranges.iter().copied().filter(|(s, e)| s < e).collect();
+        sorted.sort_unstable();
+        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(sorted.len());
+        for (start, end) in sorted {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        Self {
+            ranges,
+            merged,
+            names,
+            name_set: names.iter().map(String::as_str).collect(),
+        }
+    }
+
+    fn of_message(m: &'a DescriptorProto) -> Self {
+        let ranges = m
+            .reserved_range
+            .iter()
+            .map(|r: &ReservedRange| (i64::from(r.start()), i64::from(r.end())))
+            .collect();
+        Self::new(ranges, &m.reserved_name)
+    }
+
+    fn of_enum(e: &'a EnumDescriptorProto) -> Self {
+        // Enum reserved ranges are inclusive; make them half-open like messages'.
+        let ranges = e
+            .reserved_range
+            .iter()
+            .map(|r: &EnumReservedRange| (i64::from(r.start()), i64::from(r.end()) + 1))
+            .collect();
+        Self::new(ranges, &e.reserved_name)
+    }
+
+    fn covers(&self, start: i64, end: i64) -> bool {
+        let i = self.merged.partition_point(|&(s, _)| s <= start);
+        i > 0 && self.merged[i - 1].1 >= end
+    }
+
+    fn holds(&self, number: i64, name: &str) -> bool {
+        self.covers(number, number + 1) || self.name_set.contains(name)
+    }
+
+    /// What this version reserves that `new` no longer does, said in a sentence.
+    fn lost_in(&self, new: &Reserved<'_>) -> Option<String> {
+        let numbers: Vec<String> = self
+            .ranges
+            .iter()
+            .filter(|&&(start, end)| start < end && !new.covers(start, end))
+            .map(|&(start, end)| {
+                if end == start + 1 {
+                    start.to_string()
+                } else {
+                    format!("{start} to {}", end - 1)
+                }
+            })
+            .collect();
+        let names: Vec<&str> = self
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| !new.name_set.contains(name))
+            .collect();
+        if numbers.is_empty() && names.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "reserved numbers [{}] and names [{}] are no longer reserved",
+            few(&numbers),
+            few(&names)
+        ))
+    }
 }
 
-fn enum_reserved(e: &EnumDescriptor) -> Vec<(i32, i32)> {
-    // Enum reserved ranges are inclusive; make them half-open like messages'.
-    e.enum_descriptor_proto()
-        .reserved_range
-        .iter()
-        .map(|r: &EnumReservedRange| (r.start(), r.end().saturating_add(1)))
-        .collect()
-}
-
-fn ranges_kept(old: &[(i32, i32)], new: &[(i32, i32)]) -> Vec<(i32, i32)> {
-    old.iter()
-        .filter(|&&(start, end)| !new.iter().any(|&(s, e)| s <= start && end <= e))
-        .copied()
-        .collect()
+/// At most eight items, then how many more: a message stays short whatever the
+/// schema holds.
+fn few<T: AsRef<str>>(items: &[T]) -> String {
+    const SHOWN: usize = 8;
+    let mut out: Vec<&str> = items.iter().take(SHOWN).map(AsRef::as_ref).collect();
+    let more;
+    if items.len() > SHOWN {
+        more = format!("and {} more", items.len() - SHOWN);
+        out.push(&more);
+    }
+    out.join(", ")
 }
 
 impl Checker {
@@ -221,15 +312,10 @@ impl Checker {
                 Some(fn_) => self.field(&path, &fo, &fn_),
             }
         }
-        let reserved = message_reserved(o);
+        let reserved = Reserved::of_message(o.descriptor_proto());
         for fn_ in n.fields().filter(|f| o.get_field(f.number()).is_none()) {
             let path = format!("{base}.{}", fn_.name());
-            if in_ranges(fn_.number() as i32, &reserved)
-                || o.descriptor_proto()
-                    .reserved_name
-                    .iter()
-                    .any(|r| r == fn_.name())
-            {
+            if reserved.holds(i64::from(fn_.number()), fn_.name()) {
                 self.add(
                     Bump::Major,
                     "FIELD_NO_REUSE_RESERVED",
@@ -271,26 +357,16 @@ impl Checker {
                 );
             }
         }
-        let lost = ranges_kept(&reserved, &message_reserved(n));
-        let lost_names: Vec<&String> = o
-            .descriptor_proto()
-            .reserved_name
-            .iter()
-            .filter(|name| !n.descriptor_proto().reserved_name.contains(name))
-            .collect();
-        if !lost.is_empty() || !lost_names.is_empty() {
-            self.add(
-                Bump::Major,
-                "RESERVED_MESSAGE_NO_DELETE",
-                base,
-                format!("reserved numbers {lost:?} or names {lost_names:?} are no longer reserved"),
-            );
+        if let Some(lost) = reserved.lost_in(&Reserved::of_message(n.descriptor_proto())) {
+            self.add(Bump::Major, "RESERVED_MESSAGE_NO_DELETE", base, lost);
         }
+        let new_oneofs: HashSet<String> = n
+            .oneofs()
+            .filter(|x| !x.is_synthetic())
+            .map(|x| x.name().to_owned())
+            .collect();
         for oneof in o.oneofs().filter(|x| !x.is_synthetic()) {
-            if !n
-                .oneofs()
-                .any(|x| !x.is_synthetic() && x.name() == oneof.name())
-            {
+            if !new_oneofs.contains(oneof.name()) {
                 self.add(
                     Bump::Major,
                     "ONEOF_NO_DELETE",
@@ -409,10 +485,10 @@ impl Checker {
     fn kind(&mut self, path: &str, o: &Kind, n: &Kind) {
         match (o, n) {
             (Kind::Message(om), Kind::Message(nm)) if om.full_name() == nm.full_name() => {
-                self.message(om, nm)
+                self.todo.push_back(Pair::Messages(om.clone(), nm.clone()))
             }
             (Kind::Enum(oe), Kind::Enum(ne)) if oe.full_name() == ne.full_name() => {
-                self.enumeration(oe, ne)
+                self.todo.push_back(Pair::Enums(oe.clone(), ne.clone()))
             }
             (o, n) if kind_name(o) == kind_name(n) => {}
             (o, n) => self.add(
@@ -432,6 +508,7 @@ impl Checker {
             return;
         }
         let base = o.full_name();
+        let reserved = Reserved::of_enum(o.enum_descriptor_proto());
         for vo in o.values() {
             let path = format!("{base}.{}", vo.name());
             match n.get_value(vo.number()) {
@@ -469,12 +546,7 @@ impl Checker {
                         vn.number()
                     ),
                 ),
-                None if in_ranges(vn.number(), &enum_reserved(o))
-                    || o.enum_descriptor_proto()
-                        .reserved_name
-                        .iter()
-                        .any(|r| r == vn.name()) =>
-                {
+                None if reserved.holds(i64::from(vn.number()), vn.name()) => {
                     self.add(
                         Bump::Major,
                         "ENUM_VALUE_NO_REUSE_RESERVED",
@@ -494,20 +566,8 @@ impl Checker {
                 ),
             }
         }
-        let lost = ranges_kept(&enum_reserved(o), &enum_reserved(n));
-        let lost_names: Vec<&String> = o
-            .enum_descriptor_proto()
-            .reserved_name
-            .iter()
-            .filter(|name| !n.enum_descriptor_proto().reserved_name.contains(name))
-            .collect();
-        if !lost.is_empty() || !lost_names.is_empty() {
-            self.add(
-                Bump::Major,
-                "RESERVED_ENUM_NO_DELETE",
-                base,
-                format!("reserved numbers {lost:?} or names {lost_names:?} are no longer reserved"),
-            );
+        if let Some(lost) = reserved.lost_in(&Reserved::of_enum(n.enum_descriptor_proto())) {
+            self.add(Bump::Major, "RESERVED_ENUM_NO_DELETE", base, lost);
         }
     }
 }

@@ -8,10 +8,15 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod descriptors;
 pub mod fixtures;
 mod policy;
 mod schema;
 
 pub use check::{Bump, Change, Verdict, compare};
-pub use policy::{Decision, Outcome, Registered, Violation, decide, declared_bump};
+pub use descriptors::{SchemaLimits, quoted};
+pub use policy::{
+    Decision, MAX_VERSION_LEN, MAX_VERSION_PART, Outcome, Registered, Violation, decide,
+    declared_bump, parse_version,
+};
 pub use schema::{Schema, SchemaError};

@@ -57,6 +57,31 @@ pub struct Decision {
 }
 
 /// The bump that a step from `from` to `to` declares.
+/// Longest schema version accepted, in bytes.
+pub const MAX_VERSION_LEN: usize = 64;
+/// Largest major, minor or patch number accepted: room to bump any of them.
+pub const MAX_VERSION_PART: u64 = u32::MAX as u64;
+
+/// Parses a schema version from the outside: semver, at most [`MAX_VERSION_LEN`]
+/// bytes, each number at most [`MAX_VERSION_PART`]. The error quotes a short prefix.
+pub fn parse_version(s: &str) -> Result<Version, String> {
+    if s.len() > MAX_VERSION_LEN {
+        return Err(format!(
+            "{} is {} bytes long, at most {MAX_VERSION_LEN} allowed",
+            crate::quoted(s),
+            s.len()
+        ));
+    }
+    let v = Version::parse(s).map_err(|e| format!("{} is not semver: {e}", crate::quoted(s)))?;
+    if v.major.max(v.minor).max(v.patch) > MAX_VERSION_PART {
+        return Err(format!(
+            "{} has a number over {MAX_VERSION_PART}",
+            crate::quoted(s)
+        ));
+    }
+    Ok(v)
+}
+
 pub fn declared_bump(from: &Version, to: &Version) -> Bump {
     if from.major != to.major {
         Bump::Major
@@ -71,9 +96,9 @@ pub fn declared_bump(from: &Version, to: &Version) -> Bump {
 
 fn bumped(v: &Version, bump: Bump) -> Version {
     match bump {
-        Bump::Major => Version::new(v.major + 1, 0, 0),
-        Bump::Minor => Version::new(v.major, v.minor + 1, 0),
-        Bump::Patch | Bump::None => Version::new(v.major, v.minor, v.patch + 1),
+        Bump::Major => Version::new(v.major.saturating_add(1), 0, 0),
+        Bump::Minor => Version::new(v.major, v.minor.saturating_add(1), 0),
+        Bump::Patch | Bump::None => Version::new(v.major, v.minor, v.patch.saturating_add(1)),
     }
 }
 

@@ -6,16 +6,20 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, MessageDescriptor};
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
 
+use crate::descriptors::{self, SchemaLimits, quoted};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SchemaError {
     #[error("descriptor_set is not a valid FileDescriptorSet: {0}")]
     Decode(String),
     #[error("descriptor_set is not self-contained or not valid: {0}")]
     Invalid(String),
-    #[error("message {0:?} is not in descriptor_set")]
+    #[error("message {} is not in descriptor_set", quoted(.0))]
     MessageNotFound(String),
     #[error("message_name is required")]
     MessageRequired,
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// One event schema. Normalised: only the file defining the payload message and its
@@ -24,6 +28,7 @@ pub enum SchemaError {
 pub struct Schema {
     message: MessageDescriptor,
     encoded: Vec<u8>,
+    has_required: bool,
 }
 
 impl PartialEq for Schema {
@@ -33,20 +38,49 @@ impl PartialEq for Schema {
 }
 
 impl Schema {
-    /// Decodes, validates and normalises a `FileDescriptorSet` for `message`.
+    /// Decodes, validates and normalises a `FileDescriptorSet` for `message`, within
+    /// the default [`SchemaLimits`].
     pub fn new(descriptor_set: &[u8], message: &str) -> Result<Self, SchemaError> {
+        Self::with_limits(descriptor_set, message, &SchemaLimits::default())
+    }
+
+    /// [`Schema::new`] within `limits`.
+    pub fn with_limits(
+        descriptor_set: &[u8],
+        message: &str,
+        limits: &SchemaLimits,
+    ) -> Result<Self, SchemaError> {
+        if descriptor_set.len() > limits.max_bytes {
+            return Err(SchemaError::TooLarge(format!(
+                "descriptor_set is {} bytes, at most {} allowed",
+                descriptor_set.len(),
+                limits.max_bytes
+            )));
+        }
         let set = FileDescriptorSet::decode(descriptor_set)
             .map_err(|e| SchemaError::Decode(e.to_string()))?;
-        Self::from_set(set, message)
+        Self::from_set_with_limits(set, message, limits)
     }
 
     pub fn from_set(set: FileDescriptorSet, message: &str) -> Result<Self, SchemaError> {
+        Self::from_set_with_limits(set, message, &SchemaLimits::default())
+    }
+
+    /// Validates the set as protoc would (names, syntax, imports, map entries, field
+    /// types) before normalising it.
+    pub fn from_set_with_limits(
+        mut set: FileDescriptorSet,
+        message: &str,
+        limits: &SchemaLimits,
+    ) -> Result<Self, SchemaError> {
         let message = message.strip_prefix('.').unwrap_or(message);
         if message.is_empty() {
             return Err(SchemaError::MessageRequired);
         }
-        let pool = DescriptorPool::from_file_descriptor_set(set)
+        descriptors::before_pool(&mut set, limits)?;
+        let pool = DescriptorPool::from_file_descriptor_set(set.clone())
             .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        descriptors::after_pool(&set, &pool)?;
         let descriptor = pool
             .get_message_by_name(message)
             .ok_or_else(|| SchemaError::MessageNotFound(message.to_owned()))?;
@@ -69,7 +103,21 @@ impl Schema {
         let message = pool
             .get_message_by_name(message)
             .ok_or_else(|| SchemaError::MessageNotFound(message.to_owned()))?;
-        Ok(Self { message, encoded })
+        let has_required = pool.all_messages().any(|m| {
+            m.fields()
+                .any(|f| f.cardinality() == prost_reflect::Cardinality::Required)
+        });
+        Ok(Self {
+            message,
+            encoded,
+            has_required,
+        })
+    }
+
+    /// Whether some message of the schema has a proto2 `required` field, which a
+    /// payload must carry.
+    pub fn has_required_fields(&self) -> bool {
+        self.has_required
     }
 
     /// The normalised descriptor set, encoded.

@@ -186,10 +186,12 @@ pub trait Store: Clone + Send + Sync + 'static {
         spec: SubscriptionSpec,
     ) -> impl Future<Output = Result<Subscription>> + Send;
 
-    /// Every event of one correlation id, in log order, at most `limit`.
+    /// The events of one correlation id above sequence `after`, in log order, at
+    /// most `limit`.
     fn chain(
         &self,
         correlation_id: &str,
+        after: u64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
 

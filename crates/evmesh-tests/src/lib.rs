@@ -325,7 +325,23 @@ impl Sub {
         .await;
     }
 
-    async fn send(&self, request: pb::subscribe_request::Request) {
+    /// The status the subscription ends with, deliveries passed over; panics when
+    /// it ends with OK or goes on for longer than [`PATIENCE`].
+    pub async fn ended(&mut self) -> tonic::Status {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.stream.message())
+                .await
+                .expect("the subscription ends in time")
+            {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the subscription ended with OK"),
+                Err(status) => return status,
+            }
+        }
+    }
+
+    /// Sends any request on the stream, as a client may.
+    pub async fn send(&self, request: pb::subscribe_request::Request) {
         self.tx
             .send(pb::SubscribeRequest {
                 request: Some(request),

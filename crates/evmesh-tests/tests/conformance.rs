@@ -229,6 +229,7 @@ async fn node_fills_id_time_and_correlation(backend: Backend) {
         .get_chain(pb::GetChainRequest {
             correlation_id: ack.event_id.clone(),
             limit: 0,
+            after_sequence: 0,
         })
         .await
         .unwrap()
@@ -672,6 +673,7 @@ async fn chain_in_order_with_causation(backend: Backend) {
         .get_chain(pb::GetChainRequest {
             correlation_id: placed.correlation_id.clone(),
             limit: 0,
+            after_sequence: 0,
         })
         .await
         .unwrap()
@@ -696,6 +698,7 @@ async fn chain_in_order_with_causation(backend: Backend) {
         .get_chain(pb::GetChainRequest {
             correlation_id: "nobody".into(),
             limit: 0,
+            after_sequence: 0,
         })
         .await
         .unwrap()

@@ -47,6 +47,7 @@ async fn chain(node: &TestNode, correlation: &str) -> Vec<pb::Event> {
         .get_chain(pb::GetChainRequest {
             correlation_id: correlation.into(),
             limit: 0,
+            after_sequence: 0,
         })
         .await
         .unwrap()

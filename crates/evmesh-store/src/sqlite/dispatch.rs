@@ -551,7 +551,7 @@ impl Dispatcher {
             if !aggregate.is_empty() {
                 self.busy.insert(aggregate.clone(), seq);
             }
-            let deadline = Instant::now() + self.ack_timeout;
+            let deadline = after(self.ack_timeout);
             self.deadlines.insert((deadline, seq));
             self.in_flight.insert(
                 seq,
@@ -621,7 +621,7 @@ impl Dispatcher {
         } else if delay.is_zero() {
             self.ready.insert(seq, pending);
         } else {
-            self.delayed.insert((Instant::now() + delay, seq));
+            self.delayed.insert((after(delay), seq));
             self.delayed_events.insert(seq, pending);
         }
     }
@@ -899,6 +899,16 @@ impl Dispatcher {
         tracing::info!(group = %self.name, count = purged, "dead letters purged");
         Ok(purged)
     }
+}
+
+/// `d` from now. The node bounds ack timeouts and nack delays, but a group stored by
+/// an older node may hold any: a time past what an `Instant` holds is a day away, to
+/// be seen again then, never a panic.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 60 * 60)))
+        .unwrap_or(now)
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -46,8 +46,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Most events committed in one transaction.
     pub max_batch_events: usize,
-    /// Recently appended events kept in memory for live subscribers.
+    /// Recently appended events kept in memory for live subscribers, at most this
+    /// many and at most `recent_bytes` of them (encoded): large events make it hold
+    /// fewer, never more memory.
     pub recent_events: usize,
+    pub recent_bytes: usize,
     /// Read-only connections for catch-up reads and queries.
     pub readers: u32,
 }
@@ -58,6 +61,7 @@ impl Config {
             data_dir: data_dir.into(),
             max_batch_events: 4096,
             recent_events: 8192,
+            recent_bytes: 64 * 1024 * 1024,
             readers: 4,
         }
     }
@@ -81,6 +85,7 @@ pub(crate) struct Log {
     head: watch::Sender<u64>,
     recent: RwLock<Recent>,
     recent_capacity: usize,
+    recent_max_bytes: usize,
     shutdown: watch::Sender<bool>,
 }
 
@@ -88,6 +93,8 @@ struct Recent {
     /// Sequence of `events[0]`; head + 1 when empty.
     first: u64,
     events: VecDeque<Arc<StoredEvent>>,
+    /// Encoded bytes of `events`.
+    bytes: usize,
 }
 
 pub(crate) fn unix_ms(t: SystemTime) -> i64 {
@@ -145,10 +152,15 @@ impl Log {
         {
             let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
             for event in appended {
+                recent.bytes += event.event.encoded_len();
                 recent.events.push_back(event);
             }
-            while recent.events.len() > self.recent_capacity {
-                recent.events.pop_front();
+            while recent.events.len() > self.recent_capacity || recent.bytes > self.recent_max_bytes
+            {
+                let Some(oldest) = recent.events.pop_front() else {
+                    break;
+                };
+                recent.bytes = recent.bytes.saturating_sub(oldest.event.encoded_len());
                 recent.first += 1;
             }
         }
@@ -275,8 +287,10 @@ impl SqliteStore {
             recent: RwLock::new(Recent {
                 first: head + 1,
                 events: VecDeque::with_capacity(config.recent_events),
+                bytes: 0,
             }),
             recent_capacity: config.recent_events,
+            recent_max_bytes: config.recent_bytes,
             shutdown: watch::Sender::new(false),
         });
         // The writer opens its own connections (the pool keeps the WAL open
@@ -298,6 +312,16 @@ impl SqliteStore {
     }
 
     /// The last sequence in the log.
+    /// Encoded bytes of the recent events held in memory, at most
+    /// [`Config::recent_bytes`].
+    pub fn recent_bytes(&self) -> usize {
+        self.log
+            .recent
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes
+    }
+
     pub fn head(&self) -> u64 {
         self.log.head()
     }
@@ -421,11 +445,17 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn chain(&self, correlation_id: &str, limit: usize) -> Result<Vec<StoredEvent>> {
+    async fn chain(
+        &self,
+        correlation_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
         let rows = sqlx::query(
-            "SELECT seq, envelope FROM events WHERE correlation_id = ? AND seq <= ? ORDER BY seq LIMIT ?",
+            "SELECT seq, envelope FROM events WHERE correlation_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
         )
         .bind(correlation_id)
+        .bind(seq_param(after))
         .bind(seq_param(self.log.head()))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.log.pool)

@@ -1,0 +1,868 @@
+//! The node under attack over its public API: every input has a bound, every
+//! handler is panic-free, every reply fits its limit, and no single client or event
+//! stops others. Each test names the item of the robustness issue it keeps fixed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::{Buf, BufMut};
+use evmesh_schema::fixtures::{CHAIN_ROOT, chain};
+use evmesh_tests::v1 as pb;
+use evmesh_tests::*;
+use prost::Message;
+use prost_types::field_descriptor_proto::{Label, Type};
+use prost_types::{
+    DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet, MessageOptions,
+};
+use tonic::Code;
+
+/// A status message that quotes what it refuses stays this short, whatever was sent.
+const SHORT: usize = 1024;
+
+#[track_caller]
+fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err("must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{:?} does not name {needle:?}",
+        status.message()
+    );
+    assert!(
+        status.message().len() < SHORT,
+        "a {}-byte status message",
+        status.message().len()
+    );
+}
+
+fn check_request(ty: &str, message: &str, set: Vec<u8>) -> pb::RegisterSchemaRequest {
+    pb::RegisterSchemaRequest {
+        r#type: ty.into(),
+        version: String::new(),
+        message_name: message.into(),
+        descriptor_set: set,
+    }
+}
+
+fn field(name: &str, number: i32, ty: Type) -> FieldDescriptorProto {
+    FieldDescriptorProto {
+        name: Some(name.into()),
+        number: Some(number),
+        label: Some(Label::Optional as i32),
+        r#type: Some(ty as i32),
+        ..Default::default()
+    }
+}
+
+fn typed(name: &str, number: i32, ty: Type, type_name: &str) -> FieldDescriptorProto {
+    FieldDescriptorProto {
+        type_name: Some(type_name.into()),
+        ..field(name, number, ty)
+    }
+}
+
+fn message(name: &str, fields: Vec<FieldDescriptorProto>) -> DescriptorProto {
+    DescriptorProto {
+        name: Some(name.into()),
+        field: fields,
+        ..Default::default()
+    }
+}
+
+fn file(name: &str, syntax: &str, messages: Vec<DescriptorProto>) -> FileDescriptorProto {
+    FileDescriptorProto {
+        name: Some(name.into()),
+        package: Some("bad.v1".into()),
+        syntax: Some(syntax.into()),
+        message_type: messages,
+        ..Default::default()
+    }
+}
+
+fn encoded(files: Vec<FileDescriptorProto>) -> Vec<u8> {
+    FileDescriptorSet { file: files }.encode_to_vec()
+}
+
+/// `bad.v1.Root` with one map field whose entry is `entry`.
+fn with_map_entry(entry: DescriptorProto, label: Label) -> Vec<u8> {
+    let mut root = message(
+        "Root",
+        vec![FieldDescriptorProto {
+            label: Some(label as i32),
+            ..typed("tags", 1, Type::Message, ".bad.v1.Root.TagsEntry")
+        }],
+    );
+    root.nested_type.push(DescriptorProto {
+        options: Some(MessageOptions {
+            map_entry: Some(true),
+            ..Default::default()
+        }),
+        ..entry
+    });
+    encoded(vec![file("bad.proto", "proto3", vec![root])])
+}
+
+/// Items 1 and 21: a type graph thousands of messages deep is compared on the heap,
+/// off the runtime, and so are a hundred thousand reserved ranges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_takes_deep_and_wide_schemas() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    register(&node, "abuse.chain", "", CHAIN_ROOT, chain(3000, false))
+        .await
+        .expect("a chain of 3000 messages registers");
+    let mut registry = registry(&node).await;
+    let verdict = registry
+        .check_schema(check_request("abuse.chain", CHAIN_ROOT, chain(3000, true)))
+        .await
+        .expect("a chain of 3000 messages is compared")
+        .into_inner();
+    assert!(verdict.compatible);
+    assert_eq!(verdict.required_bump, pb::Bump::Minor as i32);
+    let changed = register(&node, "abuse.chain", "", CHAIN_ROOT, chain(3000, true))
+        .await
+        .expect("and registers");
+    assert_eq!(changed.schema.unwrap().version, "1.1.0");
+
+    let ranges = |n: i32| {
+        let mut root = message("Root", vec![field("id", 1, Type::String)]);
+        root.reserved_range = (0..n)
+            .map(|i| prost_types::descriptor_proto::ReservedRange {
+                start: Some(10 + 2 * i),
+                end: Some(11 + 2 * i),
+            })
+            .collect();
+        encoded(vec![file("ranges.proto", "proto3", vec![root])])
+    };
+    register(&node, "abuse.ranges", "", "bad.v1.Root", ranges(100_000))
+        .await
+        .expect("100,000 reserved ranges register");
+    let verdict = registry
+        .check_schema(check_request("abuse.ranges", "bad.v1.Root", ranges(99_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(verdict.required_bump, pb::Bump::Major as i32);
+    let lost = verdict
+        .changes
+        .iter()
+        .find(|c| c.rule == "RESERVED_MESSAGE_NO_DELETE")
+        .expect("the lost ranges are a change");
+    assert!(lost.message.contains("and 992 more"), "{}", lost.message);
+    let channel = tonic::transport::Channel::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("the node still answers");
+}
+
+/// Items 13 and 19: descriptor sets protoc would refuse are refused with
+/// INVALID_ARGUMENT naming the fault, never a panic or an acceptance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_descriptor_sets_are_refused() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    let root = || message("Root", vec![field("id", 1, Type::String)]);
+    let entry = |fields| DescriptorProto {
+        name: Some("TagsEntry".into()),
+        field: fields,
+        ..Default::default()
+    };
+    let mut cycle_a = file("a.proto", "proto3", vec![root()]);
+    cycle_a.dependency = vec!["b.proto".into()];
+    let mut cycle_b = file("b.proto", "proto3", vec![]);
+    cycle_b.package = Some("other.v1".into());
+    cycle_b.dependency = vec!["a.proto".into()];
+    let mut group = root();
+    group.field.push(typed("g", 2, Type::Group, ".bad.v1.Root"));
+    let mut bad_name = root();
+    bad_name.field.push(field("has space", 2, Type::String));
+    let mut no_name = root();
+    no_name.field.push(field("", 3, Type::String));
+    let enum_file = |fields| {
+        let mut f = file("e.proto", "proto3", vec![message("Root", fields)]);
+        f.enum_type.push(prost_types::EnumDescriptorProto {
+            name: Some("Color".into()),
+            value: vec![prost_types::EnumValueDescriptorProto {
+                name: Some("COLOR_UNSPECIFIED".into()),
+                number: Some(0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        encoded(vec![f])
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "syntax proto4",
+            encoded(vec![file("s.proto", "proto4", vec![root()])]),
+            "unknown syntax",
+        ),
+        (
+            "syntax editions",
+            encoded(vec![file("s.proto", "editions", vec![root()])]),
+            "editions are not supported",
+        ),
+        (
+            "an import cycle",
+            encoded(vec![cycle_a, cycle_b]),
+            "import cycle",
+        ),
+        (
+            "a map entry without a value",
+            with_map_entry(entry(vec![field("key", 1, Type::String)]), Label::Repeated),
+            "key = 1 and a field value = 2",
+        ),
+        (
+            "a map with a message key",
+            with_map_entry(
+                entry(vec![
+                    typed("key", 1, Type::Message, ".bad.v1.Root"),
+                    field("value", 2, Type::String),
+                ]),
+                Label::Repeated,
+            ),
+            "a map key must be",
+        ),
+        (
+            "map_entry on a singular field",
+            with_map_entry(
+                entry(vec![
+                    field("key", 1, Type::String),
+                    field("value", 2, Type::String),
+                ]),
+                Label::Optional,
+            ),
+            "is a map entry",
+        ),
+        (
+            "a message-typed field naming an enum",
+            enum_file(vec![typed("color", 1, Type::Message, ".bad.v1.Color")]),
+            "names an enum",
+        ),
+        (
+            "a group in proto3",
+            encoded(vec![file("g.proto", "proto3", vec![group])]),
+            "groups are not allowed in proto3",
+        ),
+        (
+            "a malformed field name",
+            encoded(vec![file("n.proto", "proto3", vec![bad_name])]),
+            "is not an identifier",
+        ),
+        (
+            "an empty field name",
+            encoded(vec![file("n.proto", "proto3", vec![no_name])]),
+            "is not an identifier",
+        ),
+        (
+            "an empty file name",
+            encoded(vec![file("", "proto3", vec![root()])]),
+            "empty name",
+        ),
+    ];
+    let mut registry = registry(&node).await;
+    for (what, set, needle) in cases {
+        let result = registry
+            .check_schema(check_request("abuse.bad", "bad.v1.Root", set.clone()))
+            .await;
+        let status = result.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{what}: {:?} does not say {needle:?}",
+            status.message()
+        );
+        refused(
+            register(&node, "abuse.bad", "", "bad.v1.Root", set).await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
+    // An empty syntax is proto2, as protoc reads it.
+    register(
+        &node,
+        "abuse.proto2",
+        "",
+        "bad.v1.Root",
+        encoded(vec![file("p.proto", "", vec![root()])]),
+    )
+    .await
+    .expect("an empty syntax registers as proto2");
+}
+
+/// Item 19: a proto2 payload must carry its required fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_fields_are_enforced_at_publish() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    let set = descriptor_set(&[(
+        "req.proto",
+        "syntax = \"proto2\";\npackage req.v1;\nmessage Item { required string sku = 1; }\n\
+         message Order { required string id = 1; repeated Item items = 2; }\n",
+    )]);
+    register(&node, "abuse.required", "", "req.v1.Order", set)
+        .await
+        .unwrap();
+    let mut client = node.client().await;
+    let with = |value: Vec<u8>| pb::PublishRequest {
+        event: Some(pb::Event {
+            r#type: "abuse.required".into(),
+            payload: Some(prost_types::Any {
+                type_url: "type.googleapis.com/req.v1.Order".into(),
+                value,
+            }),
+            ..Default::default()
+        }),
+    };
+    // Order { items: [Item {}] }: id and items[0].sku missing.
+    let missing = client.publish_event(with(vec![0x12, 0x00])).await;
+    refused(
+        missing,
+        Code::InvalidArgument,
+        "event.payload.id is required",
+    );
+    // Order { id: "o" , items: [Item { sku: "s" }] }
+    let whole = vec![0x0a, 0x01, b'o', 0x12, 0x03, 0x0a, 0x01, b's'];
+    client
+        .publish_event(with(whole))
+        .await
+        .expect("a payload with its required fields");
+}
+
+/// Item 20: a registration cannot shadow the node's own API, and two types whose
+/// files share a name each resolve to their own content through reflection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_cannot_shadow_reflection() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    let shadow = descriptor_set(&[(
+        "evil.proto",
+        "syntax = \"proto3\";\npackage evmesh.v1;\nmessage Evil { string id = 1; }\n\
+         service Mesh { rpc Publish(Evil) returns (Evil); }\n",
+    )]);
+    refused(
+        register(&node, "abuse.evil", "", "evmesh.v1.Evil", shadow).await,
+        Code::InvalidArgument,
+        "the node's own API defines",
+    );
+    let options = descriptor_set(&[(
+        "evmesh/v1/envelope.proto",
+        "syntax = \"proto3\";\npackage mine.v1;\nmessage Mine { string id = 1; }\n",
+    )]);
+    refused(
+        register(&node, "abuse.mine", "", "mine.v1.Mine", options).await,
+        Code::InvalidArgument,
+        "a file of the node's own API",
+    );
+
+    let common = |package: &str, field: &str| {
+        descriptor_set(&[
+            (
+                "common.proto",
+                &format!(
+                    "syntax = \"proto3\";\npackage {package};\nmessage Money {{ int64 {field} = 1; }}\n"
+                ),
+            ),
+            (
+                &format!("{package}.proto"),
+                &format!(
+                    "syntax = \"proto3\";\npackage {package};\nimport \"common.proto\";\n\
+                     message Thing {{ Money price = 1; }}\n"
+                ),
+            ),
+        ])
+    };
+    register(&node, "abuse.a", "", "a.Thing", common("a", "cents"))
+        .await
+        .unwrap();
+    register(&node, "abuse.b", "", "b.Thing", common("b", "pennies"))
+        .await
+        .unwrap();
+    for (symbol, field) in [("a.Money", "cents"), ("b.Money", "pennies")] {
+        let out = std::process::Command::new(require_tool("grpcurl"))
+            .args(["-plaintext", &node.addr.to_string(), "describe", symbol])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(field),
+            "{symbol}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Items 3 and 14: a schema's size, types and versions are bounded, and a verdict
+/// lists at most a thousand changes, counting the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_are_bounded() {
+    let mut config = evmesh_node::NodeConfig::default();
+    config.registry.max_versions = 2;
+    config.registry.schema.max_types = 50;
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    refused(
+        register(&node, "abuse.big", "", CHAIN_ROOT, chain(60, false)).await,
+        Code::ResourceExhausted,
+        "at most 50 allowed",
+    );
+    let huge = vec![0u8; 1024 * 1024 + 1];
+    refused(
+        register(&node, "abuse.big", "", CHAIN_ROOT, huge).await,
+        Code::ResourceExhausted,
+        "descriptor_set is 1048577 bytes",
+    );
+    let fields = |n: usize| {
+        let body: String = (1..=n).map(|i| format!("int32 f{i} = {i}; ")).collect();
+        order_schema(&body)
+    };
+    register(
+        &node,
+        "abuse.versions",
+        "",
+        "shop.v1.OrderPlaced",
+        fields(1),
+    )
+    .await
+    .unwrap();
+    let wide = registry(&node)
+        .await
+        .check_schema(check_request(
+            "abuse.versions",
+            "shop.v1.OrderPlaced",
+            fields(3001),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wide.changes.len(), 1000);
+    assert_eq!(wide.omitted_changes, 2000);
+    register(
+        &node,
+        "abuse.versions",
+        "",
+        "shop.v1.OrderPlaced",
+        fields(2),
+    )
+    .await
+    .unwrap();
+    refused(
+        register(
+            &node,
+            "abuse.versions",
+            "",
+            "shop.v1.OrderPlaced",
+            fields(3),
+        )
+        .await,
+        Code::ResourceExhausted,
+        "at most 2 allowed",
+    );
+}
+
+/// Items 7 and 16: every envelope field is bounded, so the largest event a node
+/// accepts is also delivered; out-of-range times and versions are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_event_is_deliverable() {
+    let config = evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..Default::default()
+    };
+    let limits = config.limits.clone();
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    let mut largest = pb::Event {
+        id: "i".repeat(limits.max_id_len),
+        r#type: format!("abuse.{}", "x".repeat(evmesh_store::MAX_TYPE_LEN - 6)),
+        source: "s".repeat(limits.max_field_len),
+        aggregate_id: "a".repeat(limits.max_field_len),
+        correlation_id: "c".repeat(limits.max_field_len),
+        causation_id: "d".repeat(limits.max_field_len),
+        payload: Some(prost_types::Any {
+            type_url: format!("t/{}", "u".repeat(limits.max_type_url_len - 2)),
+            value: vec![7; limits.max_payload_bytes],
+        }),
+        ..Default::default()
+    };
+    let header_value = limits.max_header_bytes / limits.max_headers - 8;
+    largest.headers = (0..limits.max_headers)
+        .map(|i| (format!("h{i:06}"), "v".repeat(header_value)))
+        .collect();
+    let mut sub = Sub::open(&mut client, open(&["abuse.>"])).await.unwrap();
+    let ack = publish(&mut client, largest).await;
+    let delivered = sub.next().await;
+    assert_eq!(delivered.sequence, ack.sequence);
+
+    let with = |edit: &dyn Fn(&mut pb::Event)| {
+        let mut e = event("abuse.refused");
+        edit(&mut e);
+        pb::PublishRequest { event: Some(e) }
+    };
+    let time = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+    let cases: Vec<(pb::PublishRequest, &str)> = vec![
+        (
+            with(&|e| e.payload.as_mut().unwrap().type_url = "t/".repeat(2 * 1024 * 1024)),
+            "event.payload.type_url is 4194304 bytes long",
+        ),
+        (
+            with(&|e| e.occurred_at = time(i64::MAX, 0)),
+            "event.occurred_at",
+        ),
+        (
+            with(&|e| e.occurred_at = time(i64::MIN, 0)),
+            "event.occurred_at",
+        ),
+        (with(&|e| e.occurred_at = time(0, -1)), "event.occurred_at"),
+        (
+            with(&|e| e.occurred_at = time(0, 2_000_000_000)),
+            "event.occurred_at",
+        ),
+        (
+            with(&|e| e.schema_version = format!("1.0.0+{}", "m".repeat(1024 * 1024))),
+            "event.schema_version",
+        ),
+        (
+            with(&|e| {
+                e.schema_version =
+                    "18446744073709551615.18446744073709551615.18446744073709551615".into()
+            }),
+            "has a number over",
+        ),
+        (
+            with(&|e| e.r#type = "T".repeat(1024 * 1024)),
+            "is 1048576 bytes long",
+        ),
+    ];
+    for (request, needle) in cases {
+        let code = if needle.starts_with("event.payload.type_url") {
+            // 4 MiB of type_url is over the request size limit itself.
+            Code::ResourceExhausted
+        } else {
+            Code::InvalidArgument
+        };
+        let result = client.publish_event(request).await;
+        if code == Code::ResourceExhausted {
+            assert_eq!(result.unwrap_err().code(), code);
+        } else {
+            refused(result, code, needle);
+        }
+    }
+    refused(
+        client
+            .publish_event(with(&|e| {
+                e.payload.as_mut().unwrap().type_url = format!("t/{}", "u".repeat(4000))
+            }))
+            .await,
+        Code::InvalidArgument,
+        "event.payload.type_url is 4002 bytes long",
+    );
+    // Nothing refused reached the log: the subscriber's next event is the next one.
+    let next = publish(&mut client, event("abuse.after")).await;
+    assert_eq!(sub.next().await.sequence, next.sequence);
+}
+
+/// Item 15: what a status quotes of its input is short; the code is the one meant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_quote_a_short_prefix() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    let mb = "x".repeat(1024 * 1024);
+    let mut registry = registry(&node).await;
+    refused(
+        registry
+            .get_schema(pb::GetSchemaRequest {
+                r#type: mb.clone(),
+                version: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "type",
+    );
+    refused(
+        registry
+            .get_schema(pb::GetSchemaRequest {
+                r#type: "abuse.none".into(),
+                version: format!("1.0.0-{mb}"),
+            })
+            .await,
+        Code::InvalidArgument,
+        "version",
+    );
+    refused(
+        register(&node, &mb, "", "a.B", order_schema("string id = 1;")).await,
+        Code::InvalidArgument,
+        "type",
+    );
+    refused(
+        register(&node, "abuse.name", "", &mb, order_schema("string id = 1;")).await,
+        Code::InvalidArgument,
+        "message_name",
+    );
+    refused(
+        register(
+            &node,
+            "abuse.name",
+            "",
+            &"a".repeat(1000),
+            order_schema("string id = 1;"),
+        )
+        .await,
+        Code::InvalidArgument,
+        "is not in descriptor_set",
+    );
+    let mut client = node.client().await;
+    refused(
+        Sub::open(&mut client, open(&[&mb])).await.map(|_| ()),
+        Code::InvalidArgument,
+        "open.patterns",
+    );
+    refused(
+        Sub::open(&mut client, open(&[&format!("a.b@{mb}")]))
+            .await
+            .map(|_| ()),
+        Code::InvalidArgument,
+        "open.patterns",
+    );
+    let many: Vec<String> = (0..65).map(|i| format!("a.p{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    refused(
+        Sub::open(&mut client, open(&many)).await.map(|_| ()),
+        Code::InvalidArgument,
+        "at most 64 allowed",
+    );
+    let mut grouped = open(&["a.b"]);
+    grouped.group = mb.clone();
+    refused(
+        Sub::open(&mut client, grouped).await.map(|_| ()),
+        Code::InvalidArgument,
+        "open.group",
+    );
+}
+
+/// Items 8 and 12: ack timeouts and nack delays are bounded; a bad nack ends only
+/// its own subscription, and the group's other members go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_are_bounded() {
+    let config = evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..Default::default()
+    };
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    let mut forever = open(&["abuse.d"]);
+    forever.group = "abuse.forever".into();
+    forever.ack_timeout = Some(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    });
+    refused(
+        Sub::open(&mut client, forever).await.map(|_| ()),
+        Code::InvalidArgument,
+        "open.ack_timeout",
+    );
+
+    let mut member = open(&["abuse.d"]);
+    member.group = "abuse.nacks".into();
+    for (seconds, nanos) in [(i64::MAX, 0), (-1, 0)] {
+        let mut bad = Sub::open(&mut client, member.clone()).await.unwrap();
+        let ack = publish(&mut client, event("abuse.d")).await;
+        assert_eq!(bad.next().await.sequence, ack.sequence);
+        let mut good = Sub::open(&mut client, member.clone()).await.unwrap();
+        bad.send(pb::subscribe_request::Request::Nack(pb::Nack {
+            sequences: vec![ack.sequence],
+            delay: Some(prost_types::Duration { seconds, nanos }),
+            reason: "x".into(),
+        }))
+        .await;
+        let status = bad.ended().await;
+        refused(Err::<(), _>(status), Code::InvalidArgument, "nack.delay");
+        // The other member keeps the group going, the nacked event included.
+        let d = good.next().await;
+        assert_eq!(d.sequence, ack.sequence);
+        good.ack(&[d.sequence]).await;
+        eventually("the group settles", || {
+            let mut client = client.clone();
+            async move {
+                let info = group_info(&mut client, "abuse.nacks").await;
+                (info.lag == 0 && info.pending == 0).then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+/// Item 6: a payload with 200,000 violations lists a few and counts the rest; the
+/// status fits, and a publish stream goes on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn violations_are_capped() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    register(
+        &node,
+        "abuse.items",
+        "",
+        "shop.v1.OrderPlaced",
+        descriptor_set(&[(
+            "shop/v1/order.proto",
+            "syntax = \"proto3\";\npackage shop.v1;\nmessage Item { string sku = 1; }\n\
+             message OrderPlaced { repeated Item items = 1; }\n",
+        )]),
+    )
+    .await
+    .unwrap();
+    // 200,000 items, each with unknown field 15 set to 1.
+    let bomb: Vec<u8> = std::iter::repeat_n([0x0a, 0x02, 0x78, 0x01], 200_000)
+        .flatten()
+        .collect();
+    let with = |value: Vec<u8>| pb::Event {
+        r#type: "abuse.items".into(),
+        payload: Some(prost_types::Any {
+            type_url: "type.googleapis.com/shop.v1.OrderPlaced".into(),
+            value,
+        }),
+        ..Default::default()
+    };
+    let mut client = node.client().await;
+    let responses = publish_stream(&mut client, vec![with(bomb), with(vec![])]).await;
+    let Some(pb::publish_response::Result::Rejection(rejection)) = &responses[0].result else {
+        panic!("the bomb must be rejected: {:?}", responses[0]);
+    };
+    assert_eq!(rejection.code, Code::InvalidArgument as i32);
+    assert_eq!(rejection.violations.len(), 33);
+    assert!(
+        rejection.violations[32]
+            .message
+            .contains("and 199968 more violations"),
+        "{:?}",
+        rejection.violations[32]
+    );
+    ack_of(&responses[1]);
+}
+
+/// Item 14: a chain or dead-letter reply fits a client's 4 MiB, and pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_replies_page() {
+    let config = evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..Default::default()
+    };
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    for i in 0..6 {
+        let mut e = event_with_id("abuse.big", &format!("big-{i}"));
+        e.correlation_id = "big-chain".into();
+        e.payload.as_mut().unwrap().value = vec![1; 1024 * 1024];
+        publish(&mut client, e).await;
+    }
+    let mut seen = Vec::new();
+    loop {
+        let page = client
+            .get_chain(pb::GetChainRequest {
+                correlation_id: "big-chain".into(),
+                limit: 0,
+                after_sequence: seen.last().copied().unwrap_or(0),
+            })
+            .await
+            .expect("a page that fits")
+            .into_inner();
+        assert!(
+            page.events.len() <= 3,
+            "{} events in a page",
+            page.events.len()
+        );
+        seen.extend(page.events.iter().map(|e| e.sequence));
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=6).collect::<Vec<u64>>());
+}
+
+/// Item 17: a string that is not UTF-8 is INVALID_ARGUMENT naming the field, on the
+/// unary call and on a publish stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_names_the_field() {
+    let node = TestNode::start(Backend::Sqlite).await;
+    let mut e = event("abuse.utf8");
+    e.source = "\u{1}\u{1}".into();
+    let mut bytes = pb::PublishRequest { event: Some(e) }.encode_to_vec();
+    let at = bytes
+        .windows(2)
+        .position(|w| w == [1, 1])
+        .expect("the marker");
+    bytes[at] = 0xff;
+    bytes[at + 1] = 0xfe;
+    let channel = tonic::transport::Channel::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let unary = grpc
+        .unary(
+            tonic::Request::new(bytes.clone()),
+            http::uri::PathAndQuery::from_static("/evmesh.v1.Mesh/PublishEvent"),
+            Raw,
+        )
+        .await;
+    refused(unary, Code::InvalidArgument, "event.source does not decode");
+    grpc.ready().await.unwrap();
+    let stream = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(vec![bytes])),
+            http::uri::PathAndQuery::from_static("/evmesh.v1.Mesh/Publish"),
+            Raw,
+        )
+        .await
+        .expect("the stream opens");
+    let mut stream = stream.into_inner();
+    refused(
+        stream.message().await,
+        Code::InvalidArgument,
+        "event.source does not decode",
+    );
+}
+
+/// Sends and receives message bytes as they are, to say what a typed client cannot.
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
