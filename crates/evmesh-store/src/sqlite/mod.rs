@@ -261,12 +261,36 @@ impl Log {
     }
 }
 
+/// A zero-length `evmesh.db` beside other files is a log that lost its content (a
+/// truncation, a bad copy), not a new one: SQLite would silently start it empty.
+/// Alone in its directory it is taken as new, and the log says so.
+fn refuse_an_emptied_log(dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
+    if !std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Ok(());
+    }
+    let others: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name != DB_FILE)
+        .collect();
+    if others.is_empty() {
+        tracing::warn!(path = %path.display(), "evmesh.db is empty (0 bytes) and alone in its directory: starting a new log");
+        return Ok(());
+    }
+    Err(StoreError::FailedPrecondition(format!(
+        "{} is empty (0 bytes) but its directory also holds {}: the log looks truncated, not new; restore it from a backup, or move the directory aside to start a new log",
+        path.display(),
+        others.join(", ")
+    )))
+}
+
 impl SqliteStore {
     /// Opens (creating when missing) the log in `config.data_dir`, applies the
     /// migrations and starts the writer.
     pub async fn open(config: Config) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join(DB_FILE);
+        refuse_an_emptied_log(&config.data_dir, &path)?;
         let options = connect_options(&path);
         let mut conn = options.clone().create_if_missing(true).connect().await?;
         migrations::migrator().await?.run(&mut conn).await?;
