@@ -95,6 +95,12 @@ impl pb::mesh_server::Mesh for Echo {
     ) -> Result<tonic::Response<pb::PurgeDeadLettersResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented(""))
     }
+    async fn delete_group(
+        &self,
+        _: tonic::Request<pb::DeleteGroupRequest>,
+    ) -> Result<tonic::Response<pb::DeleteGroupResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
 }
 
 /// Starts the ceiling server on its own 2-thread runtime; returns its address.

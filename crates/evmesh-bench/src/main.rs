@@ -68,6 +68,9 @@ struct Args {
     /// The address of `--serve-node`.
     #[arg(long, hide = true)]
     listen: Option<SocketAddr>,
+    /// `--serve-node` without the integrity check at open.
+    #[arg(long, hide = true)]
+    skip_integrity_check: bool,
 }
 
 /// One step of the run, as the progress bar counts them.
@@ -198,7 +201,7 @@ fn main() -> anyhow::Result<()> {
         let listen = args
             .listen
             .ok_or_else(|| anyhow::anyhow!("--serve-node needs --listen"))?;
-        return node::serve_child(data, listen);
+        return node::serve_child(data, listen, !args.skip_integrity_check);
     }
     if let Some(unknown) = args
         .scenarios

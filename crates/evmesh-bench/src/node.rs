@@ -15,13 +15,15 @@ use tonic::transport::Channel;
 /// Serves a node over `data` on `listen` until standard input closes: what
 /// `evmesh serve --allow-unregistered` does, minus logging. The child half of
 /// [`NodeProcess`].
-pub fn serve_child(data: &Path, listen: SocketAddr) -> anyhow::Result<()> {
+pub fn serve_child(data: &Path, listen: SocketAddr, integrity_check: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let store = SqliteStore::open(Config::new(data)).await?;
+        let mut config = Config::new(data);
+        config.integrity_check = integrity_check;
+        let store = SqliteStore::open(config).await?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let (closed, stdin_closed) = oneshot::channel::<()>();
         std::thread::spawn(move || {
@@ -136,12 +138,18 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    pub async fn start(data: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// A node over `data` (a fresh directory when `None`); `integrity_check` as
+    /// `evmesh serve` without or with `--skip-integrity-check`.
+    pub async fn start(data: Option<PathBuf>, integrity_check: bool) -> anyhow::Result<Self> {
         let (dir, data) = data_dir(data)?;
         // A free port, chosen here so that start-up counts from the spawn.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let began = Instant::now();
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        if !integrity_check {
+            command.arg("--skip-integrity-check");
+        }
+        let mut child = command
             .arg("--serve-node")
             .arg(&data)
             .arg("--listen")

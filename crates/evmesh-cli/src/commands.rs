@@ -387,6 +387,12 @@ pub(crate) struct GroupsArgs {
 pub(crate) enum GroupsCommand {
     /// Every durable group with its lag, pending and dead-letter counts.
     List,
+    /// Delete a group, its position and its dead letters (refused while it has
+    /// live members).
+    Delete {
+        /// The group's name.
+        group: String,
+    },
     /// Move a group to a position; deliveries in flight are forgotten.
     Seek {
         /// The group's name.
@@ -433,14 +439,37 @@ pub(crate) async fn groups(args: GroupsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.node.server).await?;
     match args.command {
         GroupsCommand::List => {
-            let groups = client
-                .list_groups(pb::ListGroupsRequest {})
-                .await
-                .map_err(rpc)?
-                .into_inner()
-                .groups;
+            let mut groups: Vec<pb::GroupInfo> = Vec::new();
+            loop {
+                let page = client
+                    .list_groups(pb::ListGroupsRequest {
+                        after_group: groups.last().map(|g| g.name.clone()).unwrap_or_default(),
+                        limit: 0,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                let done = !page.more || page.groups.is_empty();
+                groups.extend(page.groups);
+                if done {
+                    break;
+                }
+            }
             let rows: Vec<_> = groups.iter().map(group_row).collect();
             print!("{}", output::table(&GROUP_HEADER, &rows));
+        }
+        GroupsCommand::Delete { group } => {
+            let deleted = client
+                .delete_group(pb::DeleteGroupRequest {
+                    group: group.clone(),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            println!(
+                "deleted group {group} with {} dead letters",
+                deleted.dead_letters
+            );
         }
         GroupsCommand::Seek { group, to } => {
             let position = position(&to, "--to")?;

@@ -91,6 +91,18 @@ pub(crate) struct ServeArgs {
     /// Most versions one event type may have.
     #[arg(long, default_value_t = 100)]
     max_schema_versions: usize,
+    /// Most client connections open at once; the node closes any over it (and
+    /// logs that it did).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Start without reading the whole log through SQLite's quick_check first
+    /// (which takes seconds on a log of many GiB). Reads that reach a damaged page
+    /// still end with DATA_LOSS.
+    #[arg(long)]
+    skip_integrity_check: bool,
+    /// Most concurrent RPCs (HTTP/2 streams) on one connection.
+    #[arg(long, default_value_t = 1024)]
+    max_streams_per_connection: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

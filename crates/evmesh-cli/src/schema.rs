@@ -291,15 +291,24 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
             }
         }
         SchemaCommand::List { ty, output: format } => {
-            let schemas = registry(server)
-                .await?
-                .list_schemas(pb::ListSchemasRequest {
-                    r#type: ty.unwrap_or_default(),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner()
-                .schemas;
+            let mut client = registry(server).await?;
+            let mut schemas: Vec<pb::Schema> = Vec::new();
+            loop {
+                let page = client
+                    .list_schemas(pb::ListSchemasRequest {
+                        r#type: ty.clone().unwrap_or_default(),
+                        after_type: schemas.last().map(|s| s.r#type.clone()).unwrap_or_default(),
+                        limit: 0,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                let done = !page.more || page.schemas.is_empty();
+                schemas.extend(page.schemas);
+                if done {
+                    break;
+                }
+            }
             if format == Format::Json {
                 for s in &schemas {
                     println!(

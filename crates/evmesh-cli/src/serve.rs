@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
-use evmesh_node::{Limits, NodeConfig, RegistryLimits};
+use evmesh_node::{ConnectionLimits, Limits, NodeConfig, RegistryLimits};
 use evmesh_schema::SchemaLimits;
 use evmesh_store::sqlite::{Config, SqliteStore};
 
@@ -67,12 +67,19 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ("--max-schema-bytes", args.max_schema_bytes),
         ("--max-schema-types", args.max_schema_types),
         ("--max-schema-versions", args.max_schema_versions),
+        ("--max-connections", args.max_connections),
+        (
+            "--max-streams-per-connection",
+            args.max_streams_per_connection as usize,
+        ),
     ] {
         if value == 0 {
             anyhow::bail!("{flag} must be at least 1");
         }
     }
-    let store = SqliteStore::open(Config::new(&args.data))
+    let mut store_config = Config::new(&args.data);
+    store_config.integrity_check = !args.skip_integrity_check;
+    let store = SqliteStore::open(store_config)
         .await
         .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -92,6 +99,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 ..SchemaLimits::default()
             },
             max_versions: args.max_schema_versions,
+        },
+        connections: ConnectionLimits {
+            max_connections: args.max_connections,
+            max_streams_per_connection: args.max_streams_per_connection,
+            ..ConnectionLimits::default()
         },
         allow_unregistered: args.allow_unregistered,
         trace_events: exporting,

@@ -8,6 +8,12 @@ use evmesh_store::{DeadLetter, GroupInfo, StartPosition, StoreError};
 use tonic::Status;
 
 pub(crate) fn status(error: StoreError) -> Status {
+    if error.is_corruption() {
+        tracing::error!(error = %error, "the log is damaged");
+        return Status::data_loss(format!(
+            "the log is damaged: {error}; restore evmesh.db from a backup"
+        ));
+    }
     match error {
         StoreError::NotFound(_) => Status::not_found(error.to_string()),
         StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 mod catalog;
 mod convert;
 pub mod envelope;
+mod listener;
 mod mesh;
 mod reflection;
 mod registry;
@@ -27,6 +28,7 @@ mod transport;
 mod validate;
 
 pub use envelope::Limits;
+pub use listener::ConnectionLimits;
 pub use registry::RegistryLimits;
 
 /// How a node is set up, beyond its store and listener.
@@ -34,6 +36,7 @@ pub use registry::RegistryLimits;
 pub struct NodeConfig {
     pub limits: Limits,
     pub registry: RegistryLimits,
+    pub connections: ConnectionLimits,
     /// Store events of types with no registered schema unvalidated, instead of
     /// rejecting them. Types with a schema are always validated.
     pub allow_unregistered: bool,
@@ -49,6 +52,7 @@ impl Default for NodeConfig {
         Self {
             limits: Limits::default(),
             registry: RegistryLimits::default(),
+            connections: ConnectionLimits::default(),
             allow_unregistered: false,
             trace_events: false,
             shutdown_grace: std::time::Duration::from_secs(10),
@@ -125,9 +129,12 @@ pub async fn serve<S: Store>(
         down_tx.send_replace(true);
     });
     let mut down_server = down_rx.clone();
-    // Nagle's algorithm would hold small responses back for tens of milliseconds.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let limits = config.connections.clone();
+    let incoming = listener::incoming(listener, limits.clone());
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(tower::util::MapResponseLayer::new(transport::response))
         .layer(transport::CatchPanicLayer)
         .add_service(health_service)

@@ -25,6 +25,8 @@ const PUBLISH_BATCH: usize = 1024;
 const PUBLISH_PIPELINE: usize = 32;
 const MAX_CHAIN: u32 = 10_000;
 const MAX_DEAD_LETTERS: u32 = 1_000;
+/// Groups in one ListGroups reply: each holds at most 64 patterns of 319 bytes.
+const MAX_GROUPS: u32 = 100;
 /// Patterns one subscription may carry.
 pub(crate) const MAX_PATTERNS: usize = 64;
 /// Longest pattern, its version requirement included, in bytes.
@@ -407,7 +409,10 @@ fn deliveries(
                             };
                             Some((Ok(response), Some((subscription, refused))))
                         }
-                        None => Some((Err(Status::unavailable("node is shutting down")), None)),
+                        None => Some((Err(match subscription.failure() {
+                            Some(reason) => Status::data_loss(reason.to_owned()),
+                            None => Status::unavailable("node is shutting down"),
+                        }), None)),
                     },
                     status = refusal => match status {
                         Some(status) => Some((Err(status), None)),
@@ -619,12 +624,29 @@ impl<S: Store> Mesh for MeshService<S> {
 
     async fn list_groups(
         &self,
-        _: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let groups = self.store.groups().await.map_err(status)?;
+        let request = request.into_inner();
+        let wanted = limit(request.limit, MAX_GROUPS);
+        let groups = self
+            .store
+            .groups(&request.after_group, wanted)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ListGroupsResponse {
+            more: groups.len() == wanted,
             groups: groups.into_iter().map(convert::group_info).collect(),
         }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let request = request.into_inner();
+        let group = required(&request.group, "group")?;
+        let dead_letters = self.store.delete_group(group).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteGroupResponse { dead_letters }))
     }
 
     async fn seek_group(

@@ -39,6 +39,8 @@ impl Default for RegistryLimits {
 
 /// Longest payload message name accepted, in bytes.
 const MAX_MESSAGE_NAME_LEN: usize = 1024;
+/// Types in one ListSchemas reply, every version of each (at most 100 a type).
+const MAX_LISTED_TYPES: usize = 100;
 /// Changes and violations a response lists; the rest are counted.
 const MAX_LISTED_CHANGES: usize = 1000;
 
@@ -449,16 +451,26 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
     ) -> Result<Response<pb::ListSchemasResponse>, Status> {
         let request = request.into_inner();
         let catalog = self.catalogs.load();
-        let schemas = catalog
+        let wanted = match request.limit {
+            0 => MAX_LISTED_TYPES,
+            n => (n as usize).min(MAX_LISTED_TYPES),
+        };
+        let after = request.after_type.as_str();
+        let types: Vec<_> = catalog
             .types
-            .iter()
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
             .filter(|(ty, _)| request.r#type.is_empty() || **ty == request.r#type)
+            .take(wanted)
+            .collect();
+        let more = types.len() == wanted;
+        let schemas = types
+            .into_iter()
             .flat_map(|(ty, versions)| {
                 versions
                     .iter()
                     .map(move |(v, e)| schema_message(ty, v, e, false))
             })
             .collect();
-        Ok(Response::new(pb::ListSchemasResponse { schemas }))
+        Ok(Response::new(pb::ListSchemasResponse { schemas, more }))
     }
 }

@@ -163,6 +163,26 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// Whether the log itself is damaged: a record that does not decode, or SQLite
+    /// finding a corrupt page or a file that is not a database.
+    pub fn is_corruption(&self) -> bool {
+        const CORRUPT: &str = "11";
+        const NOT_A_DATABASE: &str = "26";
+        match self {
+            Self::Corrupt { .. } => true,
+            Self::Database(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some(CORRUPT | NOT_A_DATABASE))
+            }
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            ),
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The storage of one mesh node. Cloning is cheap and shares the store.
@@ -195,8 +215,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
 
-    /// Every durable group.
-    fn groups(&self) -> impl Future<Output = Result<Vec<GroupInfo>>> + Send;
+    /// Durable groups named after `after`, in name order, at most `limit`.
+    fn groups(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<GroupInfo>>> + Send;
+
+    /// Deletes a durable group with its dead letters; refused while it has live
+    /// members. Returns how many dead letters went with it.
+    fn delete_group(&self, group: &str) -> impl Future<Output = Result<u64>> + Send;
 
     /// Moves a group to a position; in-flight deliveries are forgotten.
     fn seek(
@@ -315,6 +343,8 @@ pub struct Subscription {
     auto_ack: bool,
     deliveries: mpsc::Receiver<Delivery>,
     control: SubscriptionControl,
+    /// Why the store ended this subscription, when it was not a shutdown.
+    failure: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Subscription {
@@ -334,5 +364,11 @@ impl Subscription {
 
     pub fn control(&self) -> SubscriptionControl {
         self.control.clone()
+    }
+
+    /// Once [`Subscription::next`] has returned `None`: why, when the store ended
+    /// the subscription for a damaged log rather than a shutdown.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 }

@@ -373,7 +373,7 @@ where
 /// The group's current info.
 pub async fn group_info(client: &mut MeshClient<Channel>, name: &str) -> pb::GroupInfo {
     client
-        .list_groups(pb::ListGroupsRequest {})
+        .list_groups(pb::ListGroupsRequest::default())
         .await
         .expect("list groups")
         .into_inner()

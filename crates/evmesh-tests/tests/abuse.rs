@@ -821,6 +821,109 @@ async fn invalid_utf8_names_the_field() {
     );
 }
 
+/// Reads until the node closes the connection; panics when it stays open.
+async fn closed_by_the_node(mut tcp: tokio::net::TcpStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: the node kept the connection open"));
+}
+
+async fn health(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+}
+
+/// Item 9: a connection that does not complete the HTTP/2 handshake in time is
+/// closed, so is an idle one that answers no ping, and the connection cap holds,
+/// while well-behaved clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let mut config = evmesh_node::NodeConfig::default();
+    config.connections.handshake_timeout = std::time::Duration::from_millis(300);
+    config.connections.keepalive_interval = std::time::Duration::from_millis(300);
+    config.connections.keepalive_timeout = std::time::Duration::from_millis(300);
+    config.connections.max_connections = 3;
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let connect = || tokio::net::TcpStream::connect(node.addr);
+
+    let silent = connect().await.unwrap();
+    closed_by_the_node(silent, "a silent connection").await;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut only_preface = connect().await.unwrap();
+    only_preface.write_all(preface).await.unwrap();
+    closed_by_the_node(only_preface, "a connection that sent only the preface").await;
+    let mut half = connect().await.unwrap();
+    half.write_all(preface).await.unwrap();
+    // An empty SETTINGS frame, then HEADERS on stream 1 without END_HEADERS.
+    half.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    half.write_all(&[0, 0, 1, 1, 0, 0, 0, 0, 1, 0x82])
+        .await
+        .unwrap();
+    closed_by_the_node(half, "a connection with half a header block").await;
+
+    let channel = || async {
+        tonic::transport::Channel::from_shared(node.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let (a, b, c) = (channel().await, channel().await, channel().await);
+    for ch in [&a, &b, &c] {
+        health(ch.clone()).await.expect("within the cap");
+    }
+    closed_by_the_node(connect().await.unwrap(), "a connection over the cap").await;
+    drop(a);
+    eventually("a place under the cap again", || async {
+        let d = tonic::transport::Channel::from_shared(node.url())
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        health(d.clone()).await.ok().map(|()| d)
+    })
+    .await;
+    health(b)
+        .await
+        .expect("the clients within the cap are still served");
+}
+
+/// Item 5: the streams one connection may open at once are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_are_capped() {
+    let mut config = evmesh_node::NodeConfig::default();
+    config.connections.max_streams_per_connection = 2;
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    let first = Sub::open(&mut client, open(&["abuse.s"])).await.unwrap();
+    let _second = Sub::open(&mut client, open(&["abuse.s"])).await.unwrap();
+    let third = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        Sub::open(&mut client, open(&["abuse.s"])),
+    )
+    .await;
+    assert!(
+        third.is_err(),
+        "a third stream opened on a connection capped at two"
+    );
+    drop(first);
+    Sub::open(&mut client, open(&["abuse.s"]))
+        .await
+        .expect("a stream once one has closed");
+}
+
 /// Sends and receives message bytes as they are, to say what a typed client cannot.
 struct Raw;
 
@@ -865,4 +968,80 @@ impl tonic::codec::Decoder for Raw {
         src.copy_to_slice(&mut out);
         Ok(Some(out))
     }
+}
+
+/// Items 4 and 14: a group can be deleted once its members left, with its dead
+/// letters; group lists page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_deleted_and_listed_in_pages() {
+    let config = evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..Default::default()
+    };
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    let mut doomed = open(&["abuse.del"]);
+    doomed.group = "abuse.doomed".into();
+    doomed.max_deliveries = 1;
+    let mut member = Sub::open(&mut client, doomed.clone()).await.unwrap();
+    let ack = publish(&mut client, event("abuse.del")).await;
+    assert_eq!(member.next().await.sequence, ack.sequence);
+    member
+        .nack(&[ack.sequence], std::time::Duration::ZERO, "no")
+        .await;
+    dead_letters_eventually(&client, "abuse.doomed").await;
+    let delete = |client: &mut pb::mesh_client::MeshClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .delete_group(pb::DeleteGroupRequest {
+                    group: "abuse.doomed".into(),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    refused(
+        delete(&mut client).await,
+        Code::FailedPrecondition,
+        "live member",
+    );
+    drop(member);
+    let deleted = eventually("the member has left and the group is deleted", || {
+        let mut client = client.clone();
+        async move { delete(&mut client).await.ok() }
+    })
+    .await;
+    assert_eq!(deleted.dead_letters, 1);
+    refused(delete(&mut client).await, Code::NotFound, "abuse.doomed");
+    let again = Sub::open(&mut client, doomed).await.unwrap();
+    assert!(again.subscribed.created, "the name starts afresh");
+    drop(again);
+
+    for i in 0..150 {
+        let mut g = open(&["abuse.page"]);
+        g.group = format!("abuse.page{i:03}");
+        drop(Sub::open(&mut client, g).await.unwrap());
+    }
+    let mut names = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_groups(pb::ListGroupsRequest {
+                after_group: names.last().cloned().unwrap_or_default(),
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.groups.len() <= 100);
+        pages += 1;
+        names.extend(page.groups.into_iter().map(|g| g.name));
+        if !page.more {
+            break;
+        }
+    }
+    assert!(pages >= 2);
+    assert_eq!(names.len(), 151, "{names:?}");
+    assert!(names.windows(2).all(|w| w[0] < w[1]));
 }

@@ -131,7 +131,10 @@ async fn version_rules_over_grpc() {
     assert_eq!(major.schema.unwrap().version, "2.0.0");
 
     let listed = registry
-        .list_schemas(pb::ListSchemasRequest { r#type: ty.into() })
+        .list_schemas(pb::ListSchemasRequest {
+            r#type: ty.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

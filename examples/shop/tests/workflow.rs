@@ -130,7 +130,7 @@ async fn orders_flow_through_the_choreography_once() {
         let mut client = client.clone();
         async move {
             let groups = client
-                .list_groups(pb::ListGroupsRequest {})
+                .list_groups(pb::ListGroupsRequest::default())
                 .await
                 .unwrap()
                 .into_inner()

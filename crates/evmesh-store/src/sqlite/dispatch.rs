@@ -4,8 +4,8 @@
 //! answer with acks and nacks; nothing here waits on a member.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use sqlx::Row;
@@ -81,6 +81,7 @@ pub(crate) enum Command {
         patterns: Vec<Pattern>,
         max_in_flight: u32,
         tx: mpsc::Sender<Delivery>,
+        failure: Arc<OnceLock<String>>,
         reply: oneshot::Sender<Result<(u64, u64)>>,
     },
     Info(oneshot::Sender<Result<GroupInfo>>),
@@ -97,7 +98,14 @@ pub(crate) enum Command {
         sequences: Vec<u64>,
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// Deletes the group and its dead letters, and ends the dispatcher.
+    Delete(oneshot::Sender<Result<u64>>),
 }
+
+/// The store's live durable dispatchers by group name. A dispatcher removes itself
+/// when it retires, under this lock, so the store never hands out a retired one
+/// without noticing (its commands channel is closed then).
+pub(crate) type Groups = Arc<tokio::sync::Mutex<HashMap<String, GroupHandle>>>;
 
 /// How the store and members reach a dispatcher.
 #[derive(Clone)]
@@ -113,6 +121,10 @@ impl GroupHandle {
         self.commands.is_closed()
     }
 
+    fn is(&self, commands: &mpsc::Sender<Command>) -> bool {
+        self.commands.same_channel(commands)
+    }
+
     pub(crate) async fn send(&self, command: Command) -> Result<()> {
         self.commands
             .send(command)
@@ -126,10 +138,12 @@ impl GroupHandle {
             .clamp(1, SubscriptionSpec::MAX_MAX_IN_FLIGHT);
         let (tx, deliveries) = mpsc::channel(max_in_flight as usize);
         let (reply, answer) = oneshot::channel();
+        let failure = Arc::new(OnceLock::new());
         self.send(Command::Join {
             patterns: spec.patterns,
             max_in_flight,
             tx,
+            failure: failure.clone(),
             reply,
         })
         .await?;
@@ -141,6 +155,7 @@ impl GroupHandle {
             start_sequence,
             auto_ack: spec.auto_ack,
             deliveries,
+            failure,
             control: SubscriptionControl {
                 member,
                 feedback: self.feedback.clone(),
@@ -165,6 +180,8 @@ struct InFlight {
 struct Member {
     id: u64,
     tx: mpsc::Sender<Delivery>,
+    /// Set before the member is dropped for a damaged log.
+    failure: Arc<OnceLock<String>>,
     max_in_flight: u32,
     in_flight: u32,
 }
@@ -189,6 +206,13 @@ struct Dispatcher {
     log: Arc<Log>,
     name: String,
     durable: bool,
+    /// For a durable group: the store's map, to leave when it retires, and its own
+    /// commands sender, to know itself there.
+    registry: Option<(Groups, mpsc::Sender<Command>)>,
+    /// Set once the group is deleted: nothing more is checkpointed.
+    deleted: bool,
+    /// Since when the group has been idle.
+    idle_since: Option<Instant>,
     patterns: Vec<Pattern>,
     ack_timeout: Duration,
     max_deliveries: u32,
@@ -265,6 +289,9 @@ impl Dispatcher {
             log,
             name: row.name,
             durable,
+            registry: None,
+            deleted: false,
+            idle_since: None,
             patterns: row.patterns,
             ack_timeout: row.ack_timeout,
             max_deliveries: row.max_deliveries,
@@ -297,10 +324,12 @@ impl Dispatcher {
 pub(crate) async fn spawn_durable(
     log: Arc<Log>,
     row: GroupRow,
+    groups: Groups,
 ) -> Result<(GroupHandle, JoinHandle<()>)> {
     let (settled, redrive) = log.group_sets(&row.name).await?;
     let dead_count = log.dead_letter_count(&row.name).await?;
     let (mut dispatcher, handle) = Dispatcher::new(log, row, true);
+    dispatcher.registry = Some((groups, handle.commands.clone()));
     dispatcher.settled = settled
         .into_iter()
         .filter(|&s| s > dispatcher.floor)
@@ -338,13 +367,35 @@ impl Dispatcher {
                 break;
             }
             if let Err(e) = self.fill().await {
-                tracing::error!(group = %self.name, error = %e, "reading the log");
+                if e.is_corruption() {
+                    self.fail_members(&e);
+                    if !self.durable {
+                        break;
+                    }
+                } else {
+                    tracing::error!(group = %self.name, error = %e, "reading the log");
+                }
             }
             self.dispatch();
+            if self.deleted {
+                self.forget().await;
+                return;
+            }
             let wake = self.next_wake();
+            self.idle_since = if self.idle() {
+                self.idle_since.or_else(|| Some(Instant::now()))
+            } else {
+                None
+            };
+            let retire_at = self.idle_since.map(|at| at + self.log.idle_group_exit);
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                () = sleep_until(retire_at), if retire_at.is_some() => {
+                    if self.retire().await {
+                        return;
+                    }
+                }
                 Some(member) = self.leave.recv() => {
                     // Acks a member sent before it left count: apply them first, or
                     // what it acked would be redelivered to the others.
@@ -381,6 +432,52 @@ impl Dispatcher {
         }
         if let Err(e) = self.checkpoint(None).await {
             tracing::error!(group = %self.name, error = %e, "final checkpoint");
+        }
+    }
+
+    /// A durable group with no member and nothing timed: its state is all in the
+    /// log, so it needs no task until someone asks for it again.
+    fn idle(&self) -> bool {
+        self.registry.is_some()
+            && self.members.is_empty()
+            && self.delayed.is_empty()
+            && self.in_flight.is_empty()
+    }
+
+    /// Leaves the store's map and ends, its state checkpointed first, when still
+    /// idle once every command that came meanwhile is handled. A caller that got
+    /// this dispatcher's handle before it left finds its channel closed, and asks
+    /// the store again, which starts a fresh dispatcher from the log.
+    async fn retire(&mut self) -> bool {
+        let Some((groups, own)) = self.registry.clone() else {
+            return false;
+        };
+        let mut map = groups.lock().await;
+        while let Ok(command) = self.commands.try_recv() {
+            self.on_command(command).await;
+        }
+        if self.deleted {
+            forget(&mut map, &self.name, &own);
+            return true;
+        }
+        if !self.idle() {
+            return false;
+        }
+        if let Err(e) = self.flush().await {
+            tracing::error!(group = %self.name, error = %e, "checkpoint before retiring; staying");
+            return false;
+        }
+        forget(&mut map, &self.name, &own);
+        self.commands.close();
+        drop(map);
+        tracing::debug!(group = %self.name, "idle group retired");
+        true
+    }
+
+    /// Leaves the store's map, when it still names this dispatcher.
+    async fn forget(&self) {
+        if let Some((groups, own)) = &self.registry {
+            forget(&mut *groups.lock().await, &self.name, own);
         }
     }
 
@@ -695,6 +792,24 @@ impl Dispatcher {
         }
     }
 
+    /// The log is damaged where the group reads: every member's subscription ends
+    /// with the reason (DATA_LOSS), rather than stalling. What they held goes back
+    /// to be delivered again; a seek past the damage lets members in again.
+    fn fail_members(&mut self, error: &StoreError) {
+        tracing::error!(group = %self.name, error = %error, cursor = self.cursor, "the log is damaged where this group reads; ending its subscriptions");
+        let reason = format!(
+            "the log is damaged at or after sequence {}: {error}; restore evmesh.db from a backup, or seek the group past it",
+            self.cursor
+        );
+        let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
+        for member in &self.members {
+            let _ = member.failure.set(reason.clone());
+        }
+        for id in ids {
+            self.leave_member(id);
+        }
+    }
+
     fn leave_member(&mut self, member: u64) {
         self.members.retain(|m| m.id != member);
         let held: Vec<u64> = self
@@ -716,9 +831,10 @@ impl Dispatcher {
                 patterns,
                 max_in_flight,
                 tx,
+                failure,
                 reply,
             } => {
-                let _ = reply.send(self.join(patterns, max_in_flight, tx));
+                let _ = reply.send(self.join(patterns, max_in_flight, tx, failure));
             }
             Command::Info(reply) => {
                 let _ = reply.send(self.info().await);
@@ -741,6 +857,9 @@ impl Dispatcher {
                 let result = self.purge(sequences).await;
                 let _ = reply.send(result);
             }
+            Command::Delete(reply) => {
+                let _ = reply.send(self.delete().await);
+            }
         }
     }
 
@@ -749,6 +868,7 @@ impl Dispatcher {
         patterns: Vec<Pattern>,
         max_in_flight: u32,
         tx: mpsc::Sender<Delivery>,
+        failure: Arc<OnceLock<String>>,
     ) -> Result<(u64, u64)> {
         if patterns != self.patterns {
             if !self.members.is_empty() {
@@ -778,6 +898,7 @@ impl Dispatcher {
         self.members.push(Member {
             id,
             tx,
+            failure,
             max_in_flight,
             in_flight: 0,
         });
@@ -884,6 +1005,31 @@ impl Dispatcher {
         Ok(moved.len() as u64)
     }
 
+    async fn delete(&mut self) -> Result<u64> {
+        if !self.members.is_empty() {
+            return Err(StoreError::FailedPrecondition(format!(
+                "group {:?} has {} live member(s); a group is deleted once they leave",
+                self.name,
+                self.members.len()
+            )));
+        }
+        let (reply, done) = oneshot::channel();
+        self.log
+            .write(WriteOp::DeleteGroup {
+                group: self.name.clone(),
+                reply,
+            })
+            .await?;
+        let dead = done.await.map_err(|_| StoreError::ShuttingDown)??;
+        // Deleted: no checkpoint may write it again; a closed channel tells the
+        // store to start afresh for this name, and the run loop leaves its map.
+        self.deleted = true;
+        self.dirty = Dirty::default();
+        self.commands.close();
+        tracing::info!(group = %self.name, dead_letters = dead, "group deleted");
+        Ok(dead)
+    }
+
     async fn purge(&mut self, sequences: Vec<u64>) -> Result<u64> {
         self.flush().await?;
         let (reply, done) = oneshot::channel();
@@ -909,6 +1055,12 @@ fn after(d: Duration) -> Instant {
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(24 * 60 * 60)))
         .unwrap_or(now)
+}
+
+fn forget(map: &mut HashMap<String, GroupHandle>, name: &str, own: &mpsc::Sender<Command>) {
+    if map.get(name).is_some_and(|h| h.is(own)) {
+        map.remove(name);
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -36,6 +36,12 @@ pub(crate) enum WriteOp {
         group: String,
         patterns: Vec<Pattern>,
     },
+    /// Removes a group, its sets and its dead letters; answers how many dead
+    /// letters went.
+    DeleteGroup {
+        group: String,
+        reply: oneshot::Sender<Result<u64>>,
+    },
     Checkpoint(Checkpoint),
     Redrive {
         group: String,
@@ -307,7 +313,9 @@ impl WriteOp {
             WriteOp::Checkpoint(c) => Outcome::Done(c.reply),
             WriteOp::UpdatePatterns { .. } => Outcome::Done(None),
             WriteOp::Redrive { reply, .. } => Outcome::Sequences(reply, Vec::new()),
-            WriteOp::Purge { reply, .. } => Outcome::Count(reply, 0),
+            WriteOp::Purge { reply, .. } | WriteOp::DeleteGroup { reply, .. } => {
+                Outcome::Count(reply, 0)
+            }
             WriteOp::Stop { reply } => Outcome::Stop(reply),
         }
     }
@@ -405,6 +413,19 @@ fn apply(
         } => {
             let purged = take_dead_letters(tx, &group, &sequences)?;
             Outcome::Count(reply, purged.len() as u64)
+        }
+        WriteOp::DeleteGroup { group, reply } => {
+            let dead = tx
+                .prepare_cached("DELETE FROM dead_letters WHERE grp = ?1")?
+                .execute(params![group])?;
+            for sql in [
+                "DELETE FROM group_settled WHERE grp = ?1",
+                "DELETE FROM group_redrive WHERE grp = ?1",
+                "DELETE FROM groups WHERE name = ?1",
+            ] {
+                tx.prepare_cached(sql)?.execute(params![group])?;
+            }
+            Outcome::Count(reply, dead as u64)
         }
         WriteOp::PutSchema { record, reply } => {
             let inserted = tx

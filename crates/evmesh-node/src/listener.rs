@@ -1,0 +1,245 @@
+//! Accepting connections: a cap on how many are open, a deadline for the HTTP/2
+//! handshake, and an accept loop that backs off (and says so) instead of spinning
+//! when the process is out of file descriptors. Idle established connections are
+//! left to HTTP/2 keepalive, set on the server.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// How the node treats connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections open at once; a connection over it is closed at once.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (RPCs) on one connection.
+    pub max_streams_per_connection: u32,
+    /// A connection must complete the HTTP/2 handshake (the client's preface and
+    /// SETTINGS) within this.
+    pub handshake_timeout: Duration,
+    /// An idle connection is pinged this often, and closed when a ping is not
+    /// answered within `keepalive_timeout`.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_streams_per_connection: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The client's connection preface: 24 bytes, then a SETTINGS frame.
+const PREFACE: usize = 24;
+const FRAME_HEADER: usize = 9;
+/// How long accept waits after an error (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one warning per this, per kind, when a limit is hit.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Says what happened at most once per [`WARN_EVERY`], with how often it did.
+struct Warning {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Warning {
+    fn new() -> Self {
+        Self {
+            last: None,
+            since: 0,
+        }
+    }
+
+    /// How many times it happened since the last warning, when one is due now.
+    fn due(&mut self) -> Option<u64> {
+        self.since += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < WARN_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
+/// The accepted connections, as tonic's server takes them.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+) -> impl Stream<Item = io::Result<Conn>> {
+    struct State {
+        listener: TcpListener,
+        limits: ConnectionLimits,
+        open: Arc<AtomicUsize>,
+        full: Warning,
+        failing: Warning,
+    }
+    let state = State {
+        listener,
+        limits,
+        open: Arc::new(AtomicUsize::new(0)),
+        full: Warning::new(),
+        failing: Warning::new(),
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            let (tcp, peer) = match s.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    if let Some(times) = s.failing.due() {
+                        tracing::warn!(error = %e, times, "cannot accept connections; retrying (is the node out of file descriptors?)");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            if s.open.load(Ordering::Relaxed) >= s.limits.max_connections {
+                if let Some(times) = s.full.due() {
+                    tracing::warn!(
+                        max_connections = s.limits.max_connections,
+                        %peer,
+                        refused = times,
+                        "connection cap reached; closing new connections"
+                    );
+                }
+                drop(tcp);
+                continue;
+            }
+            // Nagle's algorithm would hold small responses back for tens of ms.
+            let _ = tcp.set_nodelay(true);
+            s.open.fetch_add(1, Ordering::Relaxed);
+            let conn = Conn {
+                tcp,
+                open: s.open.clone(),
+                handshake: Handshake::Waiting {
+                    seen: Vec::with_capacity(PREFACE + FRAME_HEADER),
+                    deadline: Box::pin(tokio::time::sleep(s.limits.handshake_timeout)),
+                },
+            };
+            return Some((Ok(conn), s));
+        }
+    })
+}
+
+enum Handshake {
+    /// The first bytes the client sent, until the preface and its SETTINGS frame
+    /// are all in, and when to give up on them.
+    Waiting {
+        seen: Vec<u8>,
+        deadline: Pin<Box<Sleep>>,
+    },
+    Done,
+}
+
+/// One accepted connection: counted while open, and cut when its handshake does
+/// not complete in time.
+pub(crate) struct Conn {
+    tcp: TcpStream,
+    open: Arc<AtomicUsize>,
+    handshake: Handshake,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if let Handshake::Waiting { seen, deadline } = &mut this.handshake {
+            if let Poll::Ready(Ok(())) = &read {
+                seen.extend_from_slice(&buf.filled()[before..]);
+                // Past a frame's worth, HTTP/2 itself refuses what is wrong.
+                if settings_complete(seen) || seen.len() > 64 * 1024 {
+                    this.handshake = Handshake::Done;
+                    return read;
+                }
+                if buf.filled().len() > before {
+                    return read;
+                }
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the HTTP/2 handshake did not complete in time",
+                )));
+            }
+        }
+        read
+    }
+}
+
+/// Whether `seen` holds the client preface and the whole SETTINGS frame after it.
+fn settings_complete(seen: &[u8]) -> bool {
+    let Some(header) = seen.get(PREFACE..PREFACE + FRAME_HEADER) else {
+        return false;
+    };
+    let length =
+        (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
+    seen.len() >= PREFACE + FRAME_HEADER + length
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+}
