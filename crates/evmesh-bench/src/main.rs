@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod abuse;
 mod ceiling;
 mod jetstream;
 mod load;
@@ -27,7 +28,7 @@ mod scenarios;
 use node::Node;
 use report::Row;
 
-const ALL: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema";
+const ALL: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,abuse";
 
 #[derive(Parser)]
 #[command(
@@ -75,15 +76,31 @@ struct Args {
 
 /// One step of the run, as the progress bar counts them.
 enum Step {
-    Publish { streams: u64, validated: bool },
-    Ceiling { streams: u64 },
-    JetStream { streams: u64 },
-    Latency { rate: Option<u64> },
-    FanOut { subscribers: usize, rate: u64 },
+    Publish {
+        streams: u64,
+        validated: bool,
+    },
+    Ceiling {
+        streams: u64,
+    },
+    JetStream {
+        streams: u64,
+    },
+    Latency {
+        rate: Option<u64>,
+    },
+    FanOut {
+        subscribers: usize,
+        rate: u64,
+    },
     Consumer,
     Stall,
-    Startup { events: u64 },
+    Startup {
+        events: u64,
+    },
     Schema,
+    /// A steady client on a quiet node, then on an attacked one.
+    Abuse,
 }
 
 impl Step {
@@ -102,6 +119,7 @@ impl Step {
             Step::Stall => "stalled subscriber".into(),
             Step::Startup { events } => format!("start-up over {events} events"),
             Step::Schema => "schema check".into(),
+            Step::Abuse => "abuse".into(),
         }
     }
 }
@@ -165,6 +183,9 @@ fn plan(args: &Args) -> Vec<Step> {
     }
     if run("schema") {
         steps.push(Step::Schema);
+    }
+    if run("abuse") {
+        steps.push(Step::Abuse);
     }
     steps
 }
@@ -315,6 +336,7 @@ fn main() -> anyhow::Result<()> {
                     scenarios::startup(startup_dir.path(), events, payload).await?
                 }
                 Step::Schema => scenarios::schema_check(&node().await?, sizes.schema_runs).await?,
+                Step::Abuse => abuse::abuse(1000 / sizes.rate_divisor, sizes.seconds).await?,
             };
             progress.inc(1);
             rows.push(row);

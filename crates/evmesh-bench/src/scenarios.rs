@@ -280,13 +280,13 @@ pub async fn consumer(node: &Node, events: u64, payload: usize) -> anyhow::Resul
 }
 
 /// Samples a process's RSS every 10 ms until stopped; returns the peak in bytes.
-struct RssPeak {
+pub(crate) struct RssPeak {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<u64>,
 }
 
 impl RssPeak {
-    fn start(node: &NodeProcess) -> Self {
+    pub(crate) fn start(node: &NodeProcess) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let pid = node.pid();
         let task = tokio::spawn({
@@ -303,7 +303,7 @@ impl RssPeak {
         Self { stop, task }
     }
 
-    async fn finish(self) -> anyhow::Result<u64> {
+    pub(crate) async fn finish(self) -> anyhow::Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         Ok(self.task.await?)
     }

@@ -15,6 +15,26 @@ use crate::output;
 use crate::schema::Payloads;
 
 /// One line for a failed call: the status code and the node's message.
+/// Every item of a paged listing: asks for the page after the last item (`None`
+/// first) until the node says nothing more follows.
+pub(crate) async fn all_pages<T, K, Fut>(
+    mut page: impl FnMut(Option<K>) -> Fut,
+    key: impl Fn(&T) -> K,
+) -> anyhow::Result<Vec<T>>
+where
+    Fut: std::future::Future<Output = Result<(Vec<T>, bool), tonic::Status>>,
+{
+    let mut all: Vec<T> = Vec::new();
+    loop {
+        let (items, more) = page(all.last().map(&key)).await.map_err(rpc)?;
+        let done = !more || items.is_empty();
+        all.extend(items);
+        if done {
+            return Ok(all);
+        }
+    }
+}
+
 pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
 }
@@ -340,24 +360,23 @@ pub(crate) struct ChainArgs {
 
 pub(crate) async fn chain(args: ChainArgs) -> anyhow::Result<()> {
     let server = args.node.server.as_str();
-    let mut client = connect(server).await?;
-    let mut events = Vec::new();
-    loop {
-        let page = client
-            .get_chain(pb::GetChainRequest {
+    let client = connect(server).await?;
+    let events = all_pages(
+        |after| {
+            let mut client = client.clone();
+            let request = pb::GetChainRequest {
                 correlation_id: args.correlation_id.clone(),
                 limit: 0,
-                after_sequence: events.last().map_or(0, |e: &pb::ChainEvent| e.sequence),
-            })
-            .await
-            .map_err(rpc)?
-            .into_inner();
-        let done = !page.more || page.events.is_empty();
-        events.extend(page.events);
-        if done {
-            break;
-        }
-    }
+                after_sequence: after.unwrap_or(0),
+            };
+            async move {
+                let page = client.get_chain(request).await?.into_inner();
+                Ok((page.events, page.more))
+            }
+        },
+        |e: &pb::ChainEvent| e.sequence,
+    )
+    .await?;
     if events.is_empty() {
         bail!("no events with correlation id {:?}", args.correlation_id);
     }
@@ -439,22 +458,21 @@ pub(crate) async fn groups(args: GroupsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.node.server).await?;
     match args.command {
         GroupsCommand::List => {
-            let mut groups: Vec<pb::GroupInfo> = Vec::new();
-            loop {
-                let page = client
-                    .list_groups(pb::ListGroupsRequest {
-                        after_group: groups.last().map(|g| g.name.clone()).unwrap_or_default(),
+            let groups = all_pages(
+                |after| {
+                    let mut client = client.clone();
+                    let request = pb::ListGroupsRequest {
+                        after_group: after.unwrap_or_default(),
                         limit: 0,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                let done = !page.more || page.groups.is_empty();
-                groups.extend(page.groups);
-                if done {
-                    break;
-                }
-            }
+                    };
+                    async move {
+                        let page = client.list_groups(request).await?.into_inner();
+                        Ok((page.groups, page.more))
+                    }
+                },
+                |g: &pb::GroupInfo| g.name.clone(),
+            )
+            .await?;
             let rows: Vec<_> = groups.iter().map(group_row).collect();
             print!("{}", output::table(&GROUP_HEADER, &rows));
         }

@@ -13,7 +13,7 @@ use prost_reflect::{DynamicMessage, Kind, MessageDescriptor};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::commands::{NodeArg, channel, rpc};
+use crate::commands::{NodeArg, all_pages, channel, rpc};
 use crate::output;
 
 #[derive(clap::Args)]
@@ -291,24 +291,23 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
             }
         }
         SchemaCommand::List { ty, output: format } => {
-            let mut client = registry(server).await?;
-            let mut schemas: Vec<pb::Schema> = Vec::new();
-            loop {
-                let page = client
-                    .list_schemas(pb::ListSchemasRequest {
+            let client = registry(server).await?;
+            let schemas = all_pages(
+                |after| {
+                    let mut client = client.clone();
+                    let request = pb::ListSchemasRequest {
                         r#type: ty.clone().unwrap_or_default(),
-                        after_type: schemas.last().map(|s| s.r#type.clone()).unwrap_or_default(),
+                        after_type: after.unwrap_or_default(),
                         limit: 0,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                let done = !page.more || page.schemas.is_empty();
-                schemas.extend(page.schemas);
-                if done {
-                    break;
-                }
-            }
+                    };
+                    async move {
+                        let page = client.list_schemas(request).await?.into_inner();
+                        Ok((page.schemas, page.more))
+                    }
+                },
+                |s: &pb::Schema| s.r#type.clone(),
+            )
+            .await?;
             if format == Format::Json {
                 for s in &schemas {
                     println!(

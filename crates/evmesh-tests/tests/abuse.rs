@@ -1045,3 +1045,117 @@ async fn groups_are_deleted_and_listed_in_pages() {
     assert_eq!(names.len(), 151, "{names:?}");
     assert!(names.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// Item 8: an event nacked with a long delay holds back its own aggregate only;
+/// the group reads on past its 65,536-sequence window, and the delay survives a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_nack_holds_only_its_aggregate() {
+    let config = evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..Default::default()
+    };
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    let mut member = open(&["abuse.park"]);
+    member.group = "abuse.park".into();
+    member.max_in_flight = 10_000;
+    let mut sub = Sub::open(&mut client, member.clone()).await.unwrap();
+    let held = |id: &str| {
+        let mut e = event_with_id("abuse.park", id);
+        e.aggregate_id = "held".into();
+        e
+    };
+    let first = publish(&mut client, held("held-1")).await;
+    assert_eq!(sub.next().await.sequence, first.sequence);
+    sub.nack(
+        &[first.sequence],
+        std::time::Duration::from_secs(3600),
+        "later",
+    )
+    .await;
+    let second = publish(&mut client, held("held-2")).await;
+    let others = 70_000;
+    for chunk in 0..others / 10_000 {
+        let events = (0..10_000)
+            .map(|i| event_with_id("abuse.park", &format!("o-{chunk}-{i}")))
+            .collect();
+        publish_stream(&mut client, events).await;
+    }
+    let mut seen = 0;
+    while seen < others {
+        let d = sub.next().await;
+        assert_ne!(
+            d.sequence, second.sequence,
+            "the held aggregate went out of order"
+        );
+        assert_ne!(d.sequence, first.sequence, "the delay was not kept");
+        sub.ack(&[d.sequence]).await;
+        seen += 1;
+    }
+    let info = eventually("the group settles all but the held aggregate", || {
+        let mut client = client.clone();
+        async move {
+            let info = group_info(&mut client, "abuse.park").await;
+            (info.lag == 2 && info.ack_floor > 70_000).then_some(info)
+        }
+    })
+    .await;
+    assert_eq!(info.pending, 1, "{info:?}");
+    drop(sub);
+    let node = node.restart().await;
+    let mut client = node.client().await;
+    let info = group_info(&mut client, "abuse.park").await;
+    assert_eq!((info.lag, info.pending), (2, 1), "{info:?}");
+    let mut sub = Sub::open(&mut client, member).await.unwrap();
+    assert!(
+        sub.try_next(std::time::Duration::from_millis(500))
+            .await
+            .is_none(),
+        "the parked event and its aggregate stay held across a restart"
+    );
+}
+
+/// Item 8: when its delay is over, a parked event comes back (attempt 2) before
+/// the events of its aggregate that waited behind it, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_event_comes_back_first() {
+    let config = evmesh_node::NodeConfig {
+        allow_unregistered: true,
+        ..Default::default()
+    };
+    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let mut client = node.client().await;
+    let mut member = open(&["abuse.back"]);
+    member.group = "abuse.back".into();
+    let mut sub = Sub::open(&mut client, member).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut e = event_with_id("abuse.back", &format!("held-{i}"));
+        e.aggregate_id = "held".into();
+        held.push(publish(&mut client, e).await.sequence);
+    }
+    let first = sub.next().await;
+    assert_eq!((first.sequence, first.attempt), (held[0], 1));
+    sub.nack(&[held[0]], std::time::Duration::from_millis(300), "soon")
+        .await;
+    let other = publish(&mut client, event_with_id("abuse.back", "other")).await;
+    assert_eq!(sub.next().await.sequence, other.sequence, "others go on");
+    sub.ack(&[other.sequence]).await;
+    let again = sub.next().await;
+    assert_eq!((again.sequence, again.attempt), (held[0], 2));
+    sub.ack(&[again.sequence]).await;
+    for &seq in &held[1..] {
+        let d = sub.next().await;
+        assert_eq!((d.sequence, d.attempt), (seq, 1));
+        sub.ack(&[seq]).await;
+    }
+    eventually("the group settles", || {
+        let mut client = client.clone();
+        async move {
+            let info = group_info(&mut client, "abuse.back").await;
+            (info.lag == 0 && info.pending == 0 && info.ack_floor == other.sequence).then_some(())
+        }
+    })
+    .await;
+}

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Log;
-use super::writer::{Checkpoint, DeadRow, WriteOp};
+use super::writer::{Checkpoint, DeadRow, ParkedChange, WriteOp};
 use crate::{
     Delivery, Feedback, GroupInfo, Membership, Pattern, Result, StoreError, StoredEvent,
     Subscription, SubscriptionControl, SubscriptionSpec,
@@ -200,6 +200,8 @@ struct Dirty {
     settled: Vec<u64>,
     unredrive: Vec<u64>,
     dead: Vec<DeadRow>,
+    /// Parked events' changes, in order.
+    parked: Vec<(u64, ParkedChange)>,
 }
 
 struct Dispatcher {
@@ -231,8 +233,16 @@ struct Dispatcher {
     ready: BTreeMap<u64, Pending>,
     in_flight: HashMap<u64, InFlight>,
     deadlines: BTreeSet<(Instant, u64)>,
+    /// When each parked event is due again.
     delayed: BTreeSet<(Instant, u64)>,
-    delayed_events: HashMap<u64, Pending>,
+    /// Events nacked with a delay, by sequence, with their deliveries so far. They
+    /// count as settled for the floor (a delay never pins the group's read window);
+    /// their aggregate stays busy; due, they are loaded again like redriven dead
+    /// letters; they stay here (and in the log's `group_delayed`) until settled.
+    parked: HashMap<u64, u32>,
+    /// Parked events waiting for their aggregate, whose holder is parked: aggregate
+    /// → sequences, delivered one by one, in order, as the aggregate frees.
+    blocked: HashMap<String, BTreeSet<u64>>,
     /// Aggregate id → the sequence that holds it until settled.
     busy: HashMap<String, u64>,
     /// Redriven dead letters not yet settled again; `unloaded` still to be read.
@@ -304,7 +314,8 @@ impl Dispatcher {
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             delayed: BTreeSet::new(),
-            delayed_events: HashMap::new(),
+            parked: HashMap::new(),
+            blocked: HashMap::new(),
             busy: HashMap::new(),
             redrive: BTreeSet::new(),
             unloaded: BTreeSet::new(),
@@ -337,6 +348,36 @@ pub(crate) async fn spawn_durable(
     dispatcher.unloaded = redrive.iter().copied().collect();
     dispatcher.redrive = redrive.into_iter().collect();
     dispatcher.dead_count = dead_count;
+    let now = SystemTime::now();
+    for parked in dispatcher.log.group_delayed(&dispatcher.name).await? {
+        dispatcher.parked.insert(parked.sequence, parked.attempts);
+        match parked.due {
+            Some(due) => {
+                let wait = due.duration_since(now).unwrap_or(Duration::ZERO);
+                dispatcher.delayed.insert((after(wait), parked.sequence));
+                if !parked.aggregate_id.is_empty() {
+                    dispatcher.busy.insert(parked.aggregate_id, parked.sequence);
+                }
+            }
+            None => {
+                dispatcher
+                    .blocked
+                    .entry(parked.aggregate_id)
+                    .or_default()
+                    .insert(parked.sequence);
+            }
+        }
+    }
+    // Blocked events whose holder was settled before the stop go next.
+    let free: Vec<String> = dispatcher
+        .blocked
+        .keys()
+        .filter(|a| !dispatcher.busy.contains_key(*a))
+        .cloned()
+        .collect();
+    for aggregate in free {
+        dispatcher.unblock(&aggregate);
+    }
     Ok((handle, tokio::spawn(dispatcher.run())))
 }
 
@@ -507,7 +548,8 @@ impl Dispatcher {
             };
             match self.log.read_one(seq).await? {
                 Some(event) => {
-                    self.ready.insert(seq, Pending { event, attempts: 0 });
+                    let attempts = self.parked.get(&seq).copied().unwrap_or(0);
+                    self.ready.insert(seq, Pending { event, attempts });
                 }
                 None => self.settle(seq, false),
             }
@@ -523,7 +565,7 @@ impl Dispatcher {
                 if self.settled.contains(&seq)
                     || self.ready.contains_key(&seq)
                     || self.in_flight.contains_key(&seq)
-                    || self.delayed_events.contains_key(&seq)
+                    || self.parked.contains_key(&seq)
                 {
                     continue;
                 }
@@ -591,6 +633,7 @@ impl Dispatcher {
             return;
         }
         let mut chosen = Vec::new();
+        let mut to_block = Vec::new();
         {
             let mut claimed: HashSet<&str> = HashSet::new();
             for (&seq, pending) in &self.ready {
@@ -599,11 +642,19 @@ impl Dispatcher {
                 }
                 let aggregate = pending.event.event.aggregate_id.as_str();
                 if !aggregate.is_empty() {
-                    if self
-                        .busy
-                        .get(aggregate)
-                        .is_some_and(|&holder| holder != seq)
+                    if let Some(&holder) = self.busy.get(aggregate)
+                        && holder != seq
                     {
+                        // Held by a parked event (or behind blocked ones): set aside
+                        // rather than pin the window for as long as the delay lasts.
+                        if self.parked.contains_key(&holder)
+                            || self
+                                .blocked
+                                .get(aggregate)
+                                .is_some_and(|w| w.first().is_some_and(|&first| first < seq))
+                        {
+                            to_block.push(seq);
+                        }
                         continue;
                     }
                     if !claimed.insert(aggregate) {
@@ -612,6 +663,11 @@ impl Dispatcher {
                 }
                 chosen.push(seq);
                 room -= 1;
+            }
+        }
+        for seq in to_block {
+            if let Some(pending) = self.ready.remove(&seq) {
+                self.block(pending);
             }
         }
         for seq in chosen {
@@ -706,6 +762,21 @@ impl Dispatcher {
         let aggregate = &pending.event.event.aggregate_id;
         if self.busy.get(aggregate) == Some(&pending.event.sequence) {
             self.busy.remove(aggregate);
+            self.unblock(aggregate);
+        }
+    }
+
+    /// The aggregate is free: its first blocked event holds it next, loaded again.
+    fn unblock(&mut self, aggregate: &str) {
+        let Some(waiting) = self.blocked.get_mut(aggregate) else {
+            return;
+        };
+        if let Some(next) = waiting.pop_first() {
+            self.busy.insert(aggregate.to_owned(), next);
+            self.unloaded.insert(next);
+        }
+        if waiting.is_empty() {
+            self.blocked.remove(aggregate);
         }
     }
 
@@ -718,8 +789,53 @@ impl Dispatcher {
         } else if delay.is_zero() {
             self.ready.insert(seq, pending);
         } else {
-            self.delayed.insert((after(delay), seq));
-            self.delayed_events.insert(seq, pending);
+            self.park(pending, delay);
+        }
+    }
+
+    /// Sets a nacked event aside until `delay` has passed: settled for the floor,
+    /// its aggregate still held, persisted with the group's next checkpoint.
+    fn park(&mut self, pending: Pending, delay: Duration) {
+        let seq = pending.event.sequence;
+        let was_parked = self.parked.contains_key(&seq);
+        self.settle(seq, true);
+        self.parked.insert(seq, pending.attempts);
+        let due = SystemTime::now() + delay;
+        self.delayed.insert((after(delay), seq));
+        if self.durable {
+            self.dirty.any = true;
+            self.dirty.parked.push((
+                seq,
+                ParkedChange::Set {
+                    due: Some(due),
+                    attempts: pending.attempts,
+                },
+            ));
+        }
+        if !was_parked {
+            tracing::debug!(group = %self.name, sequence = seq, ?delay, "parked");
+        }
+    }
+
+    /// Sets aside an event whose aggregate is held by a parked event, so that it
+    /// does not pin the group's read window; it comes back when the aggregate frees.
+    fn block(&mut self, pending: Pending) {
+        let seq = pending.event.sequence;
+        self.settle(seq, true);
+        self.parked.insert(seq, pending.attempts);
+        self.blocked
+            .entry(pending.event.event.aggregate_id.clone())
+            .or_default()
+            .insert(seq);
+        if self.durable {
+            self.dirty.any = true;
+            self.dirty.parked.push((
+                seq,
+                ParkedChange::Set {
+                    due: None,
+                    attempts: pending.attempts,
+                },
+            ));
         }
     }
 
@@ -747,6 +863,9 @@ impl Dispatcher {
         self.dirty.any = true;
         if self.redrive.remove(&seq) {
             self.dirty.unredrive.push(seq);
+        }
+        if self.parked.remove(&seq).is_some() && self.durable {
+            self.dirty.parked.push((seq, ParkedChange::Cleared));
         }
         if seq <= self.floor {
             return;
@@ -786,8 +905,8 @@ impl Dispatcher {
                 break;
             }
             self.delayed.pop_first();
-            if let Some(pending) = self.delayed_events.remove(&seq) {
-                self.ready.insert(seq, pending);
+            if self.parked.contains_key(&seq) {
+                self.unloaded.insert(seq);
             }
         }
     }
@@ -923,8 +1042,15 @@ impl Dispatcher {
                 .map(|p| p.as_str().to_owned())
                 .collect(),
             ack_floor: self.floor,
-            lag: self.selected + unscanned + self.redrive.len() as u64,
-            pending: (self.in_flight.len() + self.delayed_events.len()) as u64,
+            lag: self.selected
+                + unscanned
+                + self.redrive.len() as u64
+                + self
+                    .parked
+                    .keys()
+                    .filter(|s| !self.redrive.contains(s))
+                    .count() as u64,
+            pending: (self.in_flight.len() + self.delayed.len()) as u64,
             dead_letters: self.dead_count,
             members: u32::try_from(self.members.len()).unwrap_or(u32::MAX),
             ack_timeout: self.ack_timeout,
@@ -942,13 +1068,15 @@ impl Dispatcher {
         self.in_flight.clear();
         self.deadlines.clear();
         self.delayed.clear();
-        self.delayed_events.clear();
+        self.parked.clear();
+        self.blocked.clear();
         self.busy.clear();
         self.unloaded = self.redrive.clone();
         for member in &mut self.members {
             member.in_flight = 0;
         }
         self.dirty.settled.clear();
+        self.dirty.parked.clear();
         self.dirty.reset = true;
         self.dirty.any = true;
         tracing::info!(group = %self.name, floor, "group seeked");
@@ -980,6 +1108,7 @@ impl Dispatcher {
             settled: dirty.settled,
             unredrive: dirty.unredrive,
             dead: dirty.dead,
+            parked: dirty.parked,
             reply,
         };
         self.log.write(WriteOp::Checkpoint(checkpoint)).await

@@ -15,6 +15,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "schemas",
         include_str!("../../../../migrations/node/0002_schemas.sql"),
     ),
+    (
+        3,
+        "delayed",
+        include_str!("../../../../migrations/node/0003_delayed.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -85,6 +85,15 @@ pub struct SqliteStore {
     writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
 }
 
+/// A parked event as stored.
+pub(crate) struct ParkedRow {
+    pub sequence: u64,
+    /// `None`: waits for its aggregate to free.
+    pub due: Option<SystemTime>,
+    pub attempts: u32,
+    pub aggregate_id: String,
+}
+
 /// How often a call on a group tries again when its dispatcher retired meanwhile.
 const RETRIES: usize = 3;
 
@@ -285,6 +294,30 @@ impl Log {
                 .collect()
         };
         Ok((to_u64(settled), to_u64(redrive)))
+    }
+
+    /// A group's parked events, with the aggregate each holds.
+    pub(crate) async fn group_delayed(&self, group: &str) -> Result<Vec<ParkedRow>> {
+        let rows = sqlx::query(
+            "SELECT d.seq, d.due_at, d.attempts, e.envelope FROM group_delayed d
+             JOIN events e ON e.seq = d.seq WHERE d.grp = ? ORDER BY d.seq",
+        )
+        .bind(group)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let event = decode(row.get(0), row.get::<&[u8], _>(3))?;
+                Ok(ParkedRow {
+                    sequence: event.sequence,
+                    due: Some(row.get::<i64, _>(1))
+                        .filter(|&ms| ms != writer::WAITS_FOR_AGGREGATE)
+                        .map(from_unix_ms),
+                    attempts: u32::try_from(row.get::<i64, _>(2)).unwrap_or(0),
+                    aggregate_id: event.event.aggregate_id,
+                })
+            })
+            .collect()
     }
 
     async fn group_row(&self, name: &str) -> Result<Option<GroupRow>> {

@@ -73,7 +73,21 @@ pub(crate) struct Checkpoint {
     pub settled: Vec<u64>,
     pub unredrive: Vec<u64>,
     pub dead: Vec<DeadRow>,
+    /// Parked events' changes, in order.
+    pub parked: Vec<(u64, ParkedChange)>,
     pub reply: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// What became of a parked event.
+pub(crate) enum ParkedChange {
+    /// Set aside until `due` (or, `None`, until its aggregate frees), after
+    /// `attempts` deliveries.
+    Set {
+        due: Option<SystemTime>,
+        attempts: u32,
+    },
+    /// Settled for good.
+    Cleared,
 }
 
 pub(crate) struct DeadRow {
@@ -288,7 +302,7 @@ impl WriteOp {
     fn weight(&self) -> usize {
         match self {
             WriteOp::Append { events, .. } => events.len(),
-            WriteOp::Checkpoint(c) => 1 + c.settled.len() + c.dead.len(),
+            WriteOp::Checkpoint(c) => 1 + c.settled.len() + c.dead.len() + c.parked.len(),
             _ => 1,
         }
     }
@@ -421,6 +435,7 @@ fn apply(
             for sql in [
                 "DELETE FROM group_settled WHERE grp = ?1",
                 "DELETE FROM group_redrive WHERE grp = ?1",
+                "DELETE FROM group_delayed WHERE grp = ?1",
                 "DELETE FROM groups WHERE name = ?1",
             ] {
                 tx.prepare_cached(sql)?.execute(params![group])?;
@@ -505,10 +520,32 @@ fn append(
     Ok(acks)
 }
 
+/// `group_delayed.due_at` of an event that waits for its aggregate, not a time.
+pub(crate) const WAITS_FOR_AGGREGATE: i64 = -1;
+
 fn checkpoint(tx: &Transaction<'_>, c: &Checkpoint) -> Result<()> {
     if c.reset {
         tx.prepare_cached("DELETE FROM group_settled WHERE grp = ?1")?
             .execute([&c.group])?;
+        tx.prepare_cached("DELETE FROM group_delayed WHERE grp = ?1")?
+            .execute([&c.group])?;
+    }
+    for (seq, parked) in &c.parked {
+        match parked {
+            ParkedChange::Set { due, attempts } => tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO group_delayed (grp, seq, due_at, attempts) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    c.group,
+                    seq_param(*seq),
+                    due.map_or(WAITS_FOR_AGGREGATE, unix_ms),
+                    i64::from(*attempts)
+                ])?,
+            ParkedChange::Cleared => tx
+                .prepare_cached("DELETE FROM group_delayed WHERE grp = ?1 AND seq = ?2")?
+                .execute(params![c.group, seq_param(*seq)])?,
+        };
     }
     tx.prepare_cached("UPDATE groups SET ack_floor = ?1 WHERE name = ?2")?
         .execute(params![seq_param(c.floor), c.group])?;
