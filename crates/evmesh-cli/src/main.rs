@@ -95,9 +95,9 @@ pub(crate) struct ServeArgs {
     /// logs that it did).
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
-    /// Start without reading the whole log through SQLite's quick_check first
-    /// (which takes seconds on a log of many GiB). Reads that reach a damaged page
-    /// still end with DATA_LOSS.
+    /// Start without reading the log through SQLite's quick_check first (done by
+    /// default on logs up to 1 GiB; it reads every page). Reads that reach a
+    /// damaged page still end with DATA_LOSS.
     #[arg(long)]
     skip_integrity_check: bool,
     /// Most concurrent RPCs (HTTP/2 streams) on one connection.

@@ -133,6 +133,8 @@ pub async fn serve<S: Store>(
     let incoming = listener::incoming(listener, limits.clone());
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(tower::util::MapResponseLayer::new(transport::response))

@@ -30,6 +30,16 @@ pub struct ConnectionLimits {
     /// answered within `keepalive_timeout`.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// HTTP/2 flow-control windows, in bytes: what one stream, and one connection,
+    /// may send that the node has not read yet. h2 closes a connection (GOAWAY
+    /// `too_many_data_frames`) whose unread small DATA frames cost more than half
+    /// the connection window; a publisher sending one small message per frame
+    /// (grpc-python does) while the node's reader is busy fills a stream window with
+    /// them. A small stream window and a connection window as large as HTTP/2
+    /// allows keep that cost (about 4× the unread bytes for 50-byte frames, at most
+    /// `max_streams_per_connection` × `stream_window` of them) under the budget.
+    pub stream_window: u32,
+    pub connection_window: u32,
 }
 
 impl Default for ConnectionLimits {
@@ -40,6 +50,8 @@ impl Default for ConnectionLimits {
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
+            stream_window: 128 * 1024,
+            connection_window: (1 << 31) - 1,
         }
     }
 }

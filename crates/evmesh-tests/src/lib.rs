@@ -42,7 +42,7 @@ pub enum Backend {
 pub struct TestNode {
     pub addr: SocketAddr,
     pub backend: Backend,
-    config: evmesh_node::NodeConfig,
+    pub config: evmesh_node::NodeConfig,
     data: PathBuf,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,

@@ -1159,3 +1159,70 @@ async fn a_parked_event_comes_back_first() {
     })
     .await;
 }
+
+/// Item 18: the node advertises a small stream window and the largest connection
+/// window, so that h2's budget for unread small DATA frames (half the connection
+/// window) covers every stream's window of them, and a fast publisher of small
+/// messages never has its connection closed with `too_many_data_frames`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_windows_cover_small_frames() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(Backend::Sqlite).await;
+    let limits = node.config.connections.clone();
+    let mut tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut stream_window = None;
+    let mut connection_increment = None;
+    let read = async {
+        while stream_window.is_none() || connection_increment.is_none() {
+            let mut header = [0u8; 9];
+            tcp.read_exact(&mut header).await.unwrap();
+            let len = (usize::from(header[0]) << 16)
+                | (usize::from(header[1]) << 8)
+                | usize::from(header[2]);
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            let stream =
+                u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+            match header[3] {
+                // SETTINGS, not an ack: INITIAL_WINDOW_SIZE is setting 4.
+                4 if header[4] & 1 == 0 => {
+                    for setting in payload.chunks(6) {
+                        if u16::from_be_bytes([setting[0], setting[1]]) == 4 {
+                            stream_window = Some(u32::from_be_bytes([
+                                setting[2], setting[3], setting[4], setting[5],
+                            ]));
+                        }
+                    }
+                }
+                // WINDOW_UPDATE on the connection.
+                8 if stream == 0 => {
+                    connection_increment = Some(
+                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                            & 0x7fff_ffff,
+                    );
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("the node's SETTINGS and WINDOW_UPDATE");
+    assert_eq!(stream_window, Some(limits.stream_window));
+    let connection_window = 65_535 + u64::from(connection_increment.unwrap());
+    assert_eq!(connection_window, u64::from(limits.connection_window));
+    // h2 closes a connection when its unread small frames cost more than half the
+    // connection window; a frame of 50 bytes costs 206. Every stream's window full
+    // of them must fit.
+    let worst =
+        u64::from(limits.max_streams_per_connection) * u64::from(limits.stream_window) / 50 * 206;
+    assert!(
+        worst <= connection_window / 2,
+        "{worst} > {}",
+        connection_window / 2
+    );
+}

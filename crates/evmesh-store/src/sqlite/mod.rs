@@ -54,8 +54,10 @@ pub struct Config {
     /// Read-only connections for catch-up reads and queries.
     pub readers: u32,
     /// Run SQLite's `quick_check` over the whole log at open, and refuse a damaged
-    /// one. It reads every page: on a log of many GiB, skipping it saves seconds.
+    /// one, when the log is at most `integrity_check_max_bytes`. It reads every page
+    /// (about 0.7 s a GB here), so a larger log starts without it.
     pub integrity_check: bool,
+    pub integrity_check_max_bytes: u64,
     /// A durable group with no member and nothing timed for this long gives up its
     /// task (its state is in the log); the next call on it starts one again.
     pub idle_group_exit: Duration,
@@ -70,6 +72,7 @@ impl Config {
             recent_bytes: 64 * 1024 * 1024,
             readers: 4,
             integrity_check: true,
+            integrity_check_max_bytes: 1 << 30,
             idle_group_exit: Duration::from_secs(5),
         }
     }
@@ -392,8 +395,15 @@ impl SqliteStore {
         refuse_an_emptied_log(&config.data_dir, &path)?;
         let options = connect_options(&path);
         let mut conn = options.clone().create_if_missing(true).connect().await?;
-        if config.integrity_check {
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if config.integrity_check && size <= config.integrity_check_max_bytes {
             quick_check(&mut conn, &path).await?;
+        } else if config.integrity_check {
+            tracing::info!(
+                bytes = size,
+                max = config.integrity_check_max_bytes,
+                "the log is too large to check at every start; reads that reach a damaged page end with DATA_LOSS"
+            );
         }
         migrations::migrator().await?.run(&mut conn).await?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
