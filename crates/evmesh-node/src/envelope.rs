@@ -31,8 +31,10 @@ impl Limits {
     /// The most an accepted envelope can hold besides its payload: with the payload,
     /// what a delivery of any stored event must have room for.
     pub fn max_envelope_overhead(&self) -> usize {
+        // Each field's bytes, plus the framing of every header entry (tags and
+        // lengths) and of the rest, generously.
         self.max_header_bytes
-            + 4 * self.max_header_bytes.min(self.max_headers * 8)
+            + 16 * self.max_headers
             + self.max_id_len
             + evmesh_store::MAX_TYPE_LEN
             + evmesh_schema::MAX_VERSION_LEN

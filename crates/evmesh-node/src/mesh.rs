@@ -326,7 +326,7 @@ fn spec(open: pb::SubscribeOpen) -> Result<SubscriptionSpec, Status> {
         if timeout < Duration::from_millis(10) || timeout > MAX_DELAY {
             return Err(Status::invalid_argument(format!(
                 "open.ack_timeout must be from 10ms to {}",
-                humantime_secs(MAX_DELAY)
+                hours(MAX_DELAY)
             )));
         }
         spec.ack_timeout = timeout;
@@ -338,7 +338,7 @@ fn spec(open: pb::SubscribeOpen) -> Result<SubscriptionSpec, Status> {
     Ok(spec)
 }
 
-fn humantime_secs(d: Duration) -> String {
+fn hours(d: Duration) -> String {
     format!("{}h", d.as_secs() / 3600)
 }
 
@@ -364,7 +364,7 @@ fn nack_delay(delay: Option<prost_types::Duration>) -> Result<Duration, Status> 
     if delay > MAX_DELAY {
         return Err(Status::invalid_argument(format!(
             "nack.delay must be at most {}",
-            humantime_secs(MAX_DELAY)
+            hours(MAX_DELAY)
         )));
     }
     Ok(delay)

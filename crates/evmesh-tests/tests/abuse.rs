@@ -463,12 +463,9 @@ async fn schemas_are_bounded() {
 /// accepts is also delivered; out-of-range times and versions are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_is_deliverable() {
-    let config = evmesh_node::NodeConfig {
-        allow_unregistered: true,
-        ..Default::default()
-    };
-    let limits = config.limits.clone();
-    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    // TestNode::start takes unregistered types, as this test's opaque payloads are.
+    let node = TestNode::start(Backend::Sqlite).await;
+    let limits = node.config.limits.clone();
     let mut client = node.client().await;
     let mut largest = pb::Event {
         id: "i".repeat(limits.max_id_len),
@@ -641,11 +638,7 @@ async fn statuses_quote_a_short_prefix() {
 /// its own subscription, and the group's other members go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durations_are_bounded() {
-    let config = evmesh_node::NodeConfig {
-        allow_unregistered: true,
-        ..Default::default()
-    };
-    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let node = TestNode::start(Backend::Sqlite).await;
     let mut client = node.client().await;
     let mut forever = open(&["abuse.d"]);
     forever.group = "abuse.forever".into();
@@ -739,11 +732,7 @@ async fn violations_are_capped() {
 /// Item 14: a chain or dead-letter reply fits a client's 4 MiB, and pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_replies_page() {
-    let config = evmesh_node::NodeConfig {
-        allow_unregistered: true,
-        ..Default::default()
-    };
-    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let node = TestNode::start(Backend::Sqlite).await;
     let mut client = node.client().await;
     for i in 0..6 {
         let mut e = event_with_id("abuse.big", &format!("big-{i}"));
@@ -974,11 +963,7 @@ impl tonic::codec::Decoder for Raw {
 /// letters; group lists page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_are_deleted_and_listed_in_pages() {
-    let config = evmesh_node::NodeConfig {
-        allow_unregistered: true,
-        ..Default::default()
-    };
-    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let node = TestNode::start(Backend::Sqlite).await;
     let mut client = node.client().await;
     let mut doomed = open(&["abuse.del"]);
     doomed.group = "abuse.doomed".into();
@@ -1051,11 +1036,7 @@ async fn groups_are_deleted_and_listed_in_pages() {
 /// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_nack_holds_only_its_aggregate() {
-    let config = evmesh_node::NodeConfig {
-        allow_unregistered: true,
-        ..Default::default()
-    };
-    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let node = TestNode::start(Backend::Sqlite).await;
     let mut client = node.client().await;
     let mut member = open(&["abuse.park"]);
     member.group = "abuse.park".into();
@@ -1120,11 +1101,7 @@ async fn a_delayed_nack_holds_only_its_aggregate() {
 /// the events of its aggregate that waited behind it, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_event_comes_back_first() {
-    let config = evmesh_node::NodeConfig {
-        allow_unregistered: true,
-        ..Default::default()
-    };
-    let node = TestNode::start_with(Backend::Sqlite, config).await;
+    let node = TestNode::start(Backend::Sqlite).await;
     let mut client = node.client().await;
     let mut member = open(&["abuse.back"]);
     member.group = "abuse.back".into();

@@ -486,22 +486,18 @@ impl Dispatcher {
     }
 
     /// Leaves the store's map and ends, its state checkpointed first, when still
-    /// idle once every command that came meanwhile is handled. A caller that got
-    /// this dispatcher's handle before it left finds its channel closed, and asks
-    /// the store again, which starts a fresh dispatcher from the log.
+    /// idle and no command waits (the loop handles it, and the group was not idle).
+    /// A caller that got this dispatcher's handle before it left finds its channel
+    /// closed, and asks the store again, which starts a fresh dispatcher from the
+    /// log.
     async fn retire(&mut self) -> bool {
+        // A dispatcher that stays starts its idle time over.
+        self.idle_since = None;
         let Some((groups, own)) = self.registry.clone() else {
             return false;
         };
         let mut map = groups.lock().await;
-        while let Ok(command) = self.commands.try_recv() {
-            self.on_command(command).await;
-        }
-        if self.deleted {
-            forget(&mut map, &self.name, &own);
-            return true;
-        }
-        if !self.idle() {
+        if !self.commands.is_empty() || !self.idle() {
             return false;
         }
         if let Err(e) = self.flush().await {
