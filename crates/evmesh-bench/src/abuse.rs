@@ -39,6 +39,7 @@ pub async fn abuse(rate: u64, seconds: u64) -> anyhow::Result<Row> {
 
 async fn run(rate: u64, seconds: u64, attack: bool) -> anyhow::Result<Run> {
     let node = NodeProcess::start(None, true).await?;
+    register_schemas(node.addr).await?;
     let total = rate * seconds;
     let base = Instant::now();
     let receiver = latency_subscriber(node.addr, "bench.steady.>", total, base).await?;
@@ -114,6 +115,22 @@ fn register(ty: &str, message: &str, set: Vec<u8>) -> pb::RegisterSchemaRequest 
     }
 }
 
+/// The schemas the attacks aim at, registered before either run begins: a schema
+/// owner's doing, not the attacker's, so that the quiet run holds them too and the
+/// runs differ by the attacks alone.
+async fn register_schemas(addr: SocketAddr) -> anyhow::Result<()> {
+    use evmesh_schema::fixtures::{CHAIN_ROOT, chain};
+    let mut registry = pb::schema_registry_client::SchemaRegistryClient::new(connect(addr).await?)
+        .max_encoding_message_size(64 << 20);
+    registry
+        .register_schema(register("abuse.chain", CHAIN_ROOT, chain(3000, false)))
+        .await?;
+    registry
+        .register_schema(register("abuse.items", "abuse.v1.Root", items_schema()))
+        .await?;
+    Ok(())
+}
+
 /// The attacks, round after round, each answered (or refused) before the next:
 /// the node is to refuse them cheaply, not to be outrun by them.
 async fn attack_until(
@@ -128,12 +145,6 @@ async fn attack_until(
         .max_encoding_message_size(64 << 20);
     let mut registry = pb::schema_registry_client::SchemaRegistryClient::new(channel.clone())
         .max_encoding_message_size(64 << 20);
-    registry
-        .register_schema(register("abuse.chain", CHAIN_ROOT, chain(3000, false)))
-        .await?;
-    registry
-        .register_schema(register("abuse.items", "abuse.v1.Root", items_schema()))
-        .await?;
     let deep = chain(3000, true);
     // 200,000 items, each with an unknown field: 200,000 violations.
     let bomb: Vec<u8> = std::iter::repeat_n([0x0a, 0x02, 0x78, 0x01], 200_000)

@@ -28,7 +28,8 @@ mod scenarios;
 use node::Node;
 use report::Row;
 
-const ALL: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,abuse";
+const ALL: &str =
+    "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse";
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +54,12 @@ struct Args {
     /// Log sizes the node starts over, in events.
     #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
     startup_events: Vec<u64>,
+    /// Versions of one large schema registered by the versions scenario.
+    #[arg(long, default_value_t = 8)]
+    schema_versions: usize,
+    /// Encoded bytes of each of those versions.
+    #[arg(long, default_value_t = 1_000_000)]
+    schema_bytes: usize,
     /// Scenarios to run.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
@@ -99,6 +106,8 @@ enum Step {
         events: u64,
     },
     Schema,
+    /// Many versions of one large schema: memory and start-up.
+    Versions,
     /// A steady client on a quiet node, then on an attacked one.
     Abuse,
 }
@@ -119,6 +128,7 @@ impl Step {
             Step::Stall => "stalled subscriber".into(),
             Step::Startup { events } => format!("start-up over {events} events"),
             Step::Schema => "schema check".into(),
+            Step::Versions => "schema versions".into(),
             Step::Abuse => "abuse".into(),
         }
     }
@@ -134,6 +144,8 @@ struct Sizes {
     rate_divisor: u64,
     fanout_seconds: u64,
     schema_runs: u32,
+    schema_versions: usize,
+    schema_bytes: usize,
 }
 
 fn plan(args: &Args) -> Vec<Step> {
@@ -183,6 +195,9 @@ fn plan(args: &Args) -> Vec<Step> {
     }
     if run("schema") {
         steps.push(Step::Schema);
+    }
+    if run("versions") {
+        steps.push(Step::Versions);
     }
     if run("abuse") {
         steps.push(Step::Abuse);
@@ -240,6 +255,8 @@ fn main() -> anyhow::Result<()> {
             rate_divisor: 10,
             fanout_seconds: 1,
             schema_runs: 5,
+            schema_versions: 3,
+            schema_bytes: 20_000,
         }
     } else {
         Sizes {
@@ -250,6 +267,8 @@ fn main() -> anyhow::Result<()> {
             rate_divisor: 1,
             fanout_seconds: 3,
             schema_runs: 200,
+            schema_versions: args.schema_versions,
+            schema_bytes: args.schema_bytes,
         }
     };
     let steps = plan(&args);
@@ -336,6 +355,9 @@ fn main() -> anyhow::Result<()> {
                     scenarios::startup(startup_dir.path(), events, payload).await?
                 }
                 Step::Schema => scenarios::schema_check(&node().await?, sizes.schema_runs).await?,
+                Step::Versions => {
+                    scenarios::schema_versions(sizes.schema_versions, sizes.schema_bytes).await?
+                }
                 Step::Abuse => abuse::abuse(1000 / sizes.rate_divisor, sizes.seconds).await?,
             };
             progress.inc(1);

@@ -515,3 +515,70 @@ pub async fn schema_check(node: &Node, runs: u32) -> anyhow::Result<Row> {
         .figure("compare p50 ms", quantile_ms(&local, 0.5), 3)
         .figure("CheckSchema RPC p50 ms", quantile_ms(&remote, 0.5), 2))
 }
+
+/// Many versions of one large schema: the node's RSS once `versions` versions of a
+/// chain schema of about `bytes` encoded bytes are registered, its start-up over
+/// them, its RSS after that start, and a publish naming the oldest version (which
+/// the node compiles then) with the RSS after it.
+pub async fn schema_versions(versions: usize, bytes: usize) -> anyhow::Result<Row> {
+    use evmesh_schema::fixtures::{CHAIN_ROOT, chain, chain_with};
+    // Messages for about `bytes`: the chain grows linearly with its length.
+    let per_message = chain(1000, false).len() / 1000;
+    let messages = (bytes / per_message.max(1)).max(2);
+    let size = chain_with(messages, versions).len();
+    let data = tempfile::tempdir()?;
+    let node = NodeProcess::start(Some(data.path().to_owned()), false).await?;
+    let mut client = registry(node.addr)
+        .await?
+        .max_encoding_message_size(64 << 20);
+    for added in 0..versions {
+        client
+            .register_schema(pb::RegisterSchemaRequest {
+                r#type: "bench.schema.versions".into(),
+                version: String::new(),
+                message_name: CHAIN_ROOT.into(),
+                descriptor_set: chain_with(messages, added),
+            })
+            .await
+            .with_context(|| format!("registering version {}", added + 1))?;
+    }
+    let registered = node.rss()?;
+    node.stop()?;
+    let node = NodeProcess::start(Some(data.path().to_owned()), false).await?;
+    let restarted = node.rss()?;
+    let mut publish = pb::mesh_client::MeshClient::new(connect(node.addr).await?);
+    let mut oldest = event("bench.schema.versions", 0, Vec::new());
+    oldest.schema_version = "1.0.0".into();
+    oldest.payload = Some(prost_types::Any {
+        type_url: format!("type.googleapis.com/{CHAIN_ROOT}"),
+        value: Vec::new(),
+    });
+    let t = Instant::now();
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::PublishRequest {
+        event: Some(oldest),
+    })
+    .await?;
+    drop(tx);
+    let mut acks = publish
+        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    match acks.message().await?.and_then(|r| r.result) {
+        Some(pb::publish_response::Result::Ack(_)) => {}
+        other => bail!("publishing against version 1.0.0 was not acked: {other:?}"),
+    }
+    let oldest_ms = t.elapsed().as_secs_f64() * 1e3;
+    let after = node.rss()?;
+    let started = node.started_in;
+    node.stop()?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Ok(
+        Row::new(format!("{versions} schema versions of {} KB", size / 1000))
+            .figure("RSS MiB registered", mib(registered), 1)
+            .figure("start ms", started.as_secs_f64() * 1e3, 1)
+            .figure("RSS MiB restarted", mib(restarted), 1)
+            .figure("oldest-version publish ms", oldest_ms, 1)
+            .figure("RSS MiB after it", mib(after), 1),
+    )
+}

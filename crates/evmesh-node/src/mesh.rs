@@ -193,6 +193,7 @@ impl<S: Store> MeshService<S> {
         let mut slots = Vec::with_capacity(requests.len());
         let mut events = Vec::with_capacity(requests.len());
         let catalog = self.catalogs.load();
+        compile_older_versions(&catalog, &requests).await;
         for request in requests {
             match self.accept(&catalog, request.event) {
                 Ok(event) => {
@@ -210,6 +211,43 @@ impl<S: Store> MeshService<S> {
         let appended = self.store.enqueue(events).await;
         Batch { slots, appended }
     }
+}
+
+/// Compiles, on a blocking thread, the older schema versions that events of this
+/// batch name and that are not compiled yet, so that validating the batch on the
+/// runtime finds them ready: a large schema takes a while to compile.
+async fn compile_older_versions(catalog: &Arc<Catalog>, requests: &[pb::PublishRequest]) {
+    let mut cold: Vec<(&str, semver::Version)> = Vec::new();
+    for event in requests.iter().filter_map(|r| r.event.as_ref()) {
+        if event.schema_version.is_empty() {
+            continue;
+        }
+        let Ok(version) = evmesh_schema::parse_version(&event.schema_version) else {
+            continue; // the envelope check refuses it
+        };
+        if catalog.would_compile(&event.r#type, &version)
+            && !cold
+                .iter()
+                .any(|(t, v)| *t == event.r#type && *v == version)
+        {
+            cold.push((&event.r#type, version));
+        }
+    }
+    if cold.is_empty() {
+        return;
+    }
+    let cold: Vec<(String, semver::Version)> =
+        cold.into_iter().map(|(t, v)| (t.to_owned(), v)).collect();
+    let catalog = catalog.clone();
+    // A failure shows when the event is validated: it is rejected there, by name.
+    let _ = tokio::task::spawn_blocking(move || {
+        for (event_type, version) in cold {
+            if let Some((version, entry)) = catalog.resolve(&event_type, Some(&version)) {
+                let _ = catalog.schema(&event_type, version, entry);
+            }
+        }
+    })
+    .await;
 }
 
 /// What the reader of a publish stream hands its responder, in stream order.

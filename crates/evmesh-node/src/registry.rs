@@ -14,7 +14,7 @@ use evmesh_schema::{
 };
 use evmesh_store::{SchemaRecord, Store};
 use semver::Version;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tonic::{Request, Response, Status};
 
 use crate::catalog::{Catalogs, Entry};
@@ -50,7 +50,13 @@ pub(crate) struct RegistryService<S> {
     limits: Arc<RegistryLimits>,
     /// Registrations are decided and stored one at a time.
     writing: Mutex<()>,
+    /// Candidates compiled and compared at once (registrations and checks): each
+    /// holds its schema compiled, many times its size, while it is judged.
+    judging: Semaphore,
 }
+
+/// How many requests the registry judges at once; the rest wait their turn.
+const JUDGED_AT_ONCE: usize = 2;
 
 /// Runs the registry's CPU work (decoding, validating and comparing descriptor sets,
 /// rebuilding the catalog) on a blocking thread: it never holds up the async runtime,
@@ -77,36 +83,48 @@ fn schema_status(e: SchemaError) -> Status {
     }
 }
 
-/// Loads every stored schema into the catalog; a stored schema that no longer
-/// compiles is skipped with an error in the log, never a failed start.
+/// Loads every stored schema into the catalog, compiling only the latest version of
+/// each type (older ones compile when an event names them). A latest version that
+/// no longer compiles is skipped with an error in the log, never a failed start, and
+/// the version below it becomes the latest.
 pub(crate) async fn load<S: Store>(
     store: &S,
     catalogs: &Catalogs,
 ) -> Result<usize, evmesh_store::StoreError> {
-    let mut types: BTreeMap<String, BTreeMap<Version, Arc<Entry>>> = BTreeMap::new();
-    let mut loaded = 0;
+    let mut stored: BTreeMap<String, BTreeMap<Version, Entry>> = BTreeMap::new();
     for record in store.schemas().await? {
-        // Accepted once; a lower limit set since must not drop it.
-        let schema = Schema::with_limits(
-            &record.descriptor_set,
-            &record.message_name,
-            &SchemaLimits::none(),
+        stored.entry(record.event_type).or_default().insert(
+            record.version,
+            Entry::stored(
+                record.message_name,
+                record.descriptor_set,
+                record.registered_at,
+            ),
         );
-        match schema {
-            Ok(schema) => {
-                loaded += 1;
-                types.entry(record.event_type).or_default().insert(
-                    record.version,
-                    Arc::new(Entry {
-                        schema,
-                        registered_at: record.registered_at,
-                    }),
-                );
-            }
-            Err(e) => {
-                tracing::error!(event_type = %record.event_type, version = %record.version, error = %e, "stored schema skipped")
+    }
+    let mut types = BTreeMap::new();
+    let mut loaded = 0;
+    for (event_type, mut versions) in stored {
+        while let Some((version, latest)) = versions.pop_last() {
+            match latest.promoted() {
+                Ok(latest) => {
+                    versions.insert(version, latest);
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(event_type = %event_type, version = %version, error = %e, "stored schema skipped")
+                }
             }
         }
+        if versions.is_empty() {
+            continue;
+        }
+        loaded += versions.len();
+        let versions: BTreeMap<Version, Arc<Entry>> = versions
+            .into_iter()
+            .map(|(v, e)| (v, Arc::new(e)))
+            .collect();
+        types.insert(event_type, versions);
     }
     catalogs.replace(types);
     Ok(loaded)
@@ -186,9 +204,9 @@ fn schema_message(
     pb::Schema {
         r#type: event_type.to_owned(),
         version: version.to_string(),
-        message_name: entry.schema.message_name().to_owned(),
+        message_name: entry.message_name.clone(),
         descriptor_set: if with_descriptors {
-            entry.schema.encoded().to_vec()
+            entry.encoded.clone()
         } else {
             Vec::new()
         },
@@ -247,6 +265,7 @@ impl<S: Store> RegistryService<S> {
             catalogs,
             limits: Arc::new(limits),
             writing: Mutex::new(()),
+            judging: Semaphore::new(JUDGED_AT_ONCE),
         }
     }
 
@@ -256,6 +275,11 @@ impl<S: Store> RegistryService<S> {
         &self,
         request: pb::RegisterSchemaRequest,
     ) -> Result<(Candidate, Decision), Status> {
+        let _turn = self
+            .judging
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))?;
         let catalogs = self.catalogs.clone();
         let limits = self.limits.clone();
         off_runtime(move || {
@@ -280,7 +304,7 @@ fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Decision {
                 .iter()
                 .map(|(version, entry)| Registered {
                     version,
-                    schema: &entry.schema,
+                    schema: entry.held(),
                 })
                 .collect()
         })
@@ -342,10 +366,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
                     })
                     .await
                     .map_err(status)?;
-                let entry = Entry {
-                    schema: c.schema,
-                    registered_at,
-                };
+                let entry = Entry::compiled(c.schema, registered_at);
                 let schema = schema_message(&c.event_type, &decision.version, &entry, true);
                 let catalogs = self.catalogs.clone();
                 let (event_type, version) = (c.event_type.clone(), decision.version.clone());

@@ -23,6 +23,12 @@ fn scalar(name: &str, number: i32, ty: Type) -> FieldDescriptorProto {
 /// field `next` holds the following one), each with ten scalar fields; `extra` adds
 /// a field to the last message, a minor change.
 pub fn chain(messages: usize, extra: bool) -> Vec<u8> {
+    chain_with(messages, usize::from(extra))
+}
+
+/// [`chain`] with `added` fields added to the last message: each one more is a minor
+/// change, so `chain_with(n, 0)`, `chain_with(n, 1)`, … are successive versions.
+pub fn chain_with(messages: usize, added: usize) -> Vec<u8> {
     let mut all = Vec::with_capacity(messages);
     for i in 0..messages {
         let mut field: Vec<FieldDescriptorProto> = (1..=10)
@@ -40,8 +46,15 @@ pub fn chain(messages: usize, extra: bool) -> Vec<u8> {
                 r#type: Some(Type::Message as i32),
                 ..scalar("next", 11, Type::Message)
             });
-        } else if extra {
-            field.push(scalar("added", 12, Type::String));
+        } else {
+            for k in 0..added {
+                let name = if k == 0 {
+                    "added".to_owned()
+                } else {
+                    format!("added{k}")
+                };
+                field.push(scalar(&name, 12 + k as i32, Type::String));
+            }
         }
         all.push(DescriptorProto {
             name: Some(format!("M{i}")),

@@ -16,7 +16,7 @@ mod schema;
 pub use check::{Bump, Change, Verdict, compare};
 pub use descriptors::{SchemaLimits, quoted};
 pub use policy::{
-    Decision, MAX_VERSION_LEN, MAX_VERSION_PART, Outcome, Registered, Violation, decide,
+    Decision, Held, MAX_VERSION_LEN, MAX_VERSION_PART, Outcome, Registered, Violation, decide,
     declared_bump, parse_version,
 };
 pub use schema::{Schema, SchemaError};

@@ -8,15 +8,86 @@
 //! other content there is a conflict. With no version given, the registry takes the
 //! smallest valid version above the latest (1.0.0 first).
 
+use std::borrow::Cow;
+
 use semver::Version;
 
-use crate::{Bump, Schema, Verdict, compare};
+use crate::{Bump, Schema, SchemaError, Verdict, compare};
 
 /// A registered version.
 #[derive(Debug, Clone, Copy)]
 pub struct Registered<'a> {
     pub version: &'a Version,
-    pub schema: &'a Schema,
+    pub schema: Held<'a>,
+}
+
+impl<'a> Registered<'a> {
+    pub fn compiled(version: &'a Version, schema: &'a Schema) -> Self {
+        Self {
+            version,
+            schema: Held::Compiled(schema),
+        }
+    }
+}
+
+/// A registered version's schema: compiled, or as stored, which the policy compiles
+/// only while it compares it, so that deciding on a type with many large versions
+/// holds one of them at a time.
+#[derive(Debug, Clone, Copy)]
+pub enum Held<'a> {
+    Compiled(&'a Schema),
+    Stored {
+        descriptor_set: &'a [u8],
+        message_name: &'a str,
+    },
+}
+
+impl<'a> Held<'a> {
+    /// Whether this is `candidate`'s content, without compiling it.
+    fn is(&self, candidate: &Schema) -> bool {
+        match *self {
+            Held::Compiled(schema) => schema == candidate,
+            Held::Stored {
+                descriptor_set,
+                message_name,
+            } => {
+                candidate.message_name() == message_name.strip_prefix('.').unwrap_or(message_name)
+                    && candidate.encoded() == descriptor_set
+            }
+        }
+    }
+
+    fn compiled(&self) -> Result<Cow<'a, Schema>, SchemaError> {
+        match *self {
+            Held::Compiled(schema) => Ok(Cow::Borrowed(schema)),
+            Held::Stored {
+                descriptor_set,
+                message_name,
+            } => Schema::stored(descriptor_set, message_name).map(Cow::Owned),
+        }
+    }
+}
+
+/// The changes from the older of `registered` and `candidate` to the newer. A stored
+/// version that no longer compiles is one MAJOR change: nothing can be shown
+/// compatible with it.
+fn step(registered: &Registered<'_>, candidate: &Schema, candidate_is_newer: bool) -> Verdict {
+    match registered.schema.compiled() {
+        Ok(schema) if candidate_is_newer => compare(&schema, candidate),
+        Ok(schema) => compare(candidate, &schema),
+        Err(e) => Verdict {
+            needs: Bump::Major,
+            changes: vec![crate::Change {
+                rule: "STORED_SCHEMA_UNREADABLE",
+                path: String::new(),
+                message: format!(
+                    "registered version {} no longer compiles: {e}",
+                    registered.version
+                ),
+                needs: Bump::Major,
+            }],
+        },
+    }
 }
 
 /// A change that the version cannot carry, against one registered version.
@@ -136,11 +207,7 @@ fn major_line(
         .iter()
         .filter(|r| r.version.major == version.major && Some(r.version) != skip)
     {
-        let verdict = if r.version < version {
-            compare(r.schema, candidate)
-        } else {
-            compare(candidate, r.schema)
-        };
+        let verdict = step(r, candidate, r.version < version);
         found.extend(violations(&verdict, Bump::Minor, r.version));
     }
     found
@@ -153,7 +220,7 @@ fn suggest(
     let Some(latest) = existing.last() else {
         return (Version::new(1, 0, 0), None, empty(), false);
     };
-    if latest.schema == candidate {
+    if latest.schema.is(candidate) {
         return (
             latest.version.clone(),
             Some(latest.version.clone()),
@@ -161,7 +228,7 @@ fn suggest(
             true,
         );
     }
-    let verdict = compare(latest.schema, candidate);
+    let verdict = step(latest, candidate, true);
     let mut needs = verdict.needs;
     if needs < Bump::Major
         && !major_line(existing, candidate, latest.version, Some(latest.version)).is_empty()
@@ -201,7 +268,7 @@ pub fn decide(
         };
     };
     if let Some(same) = existing.iter().find(|r| r.version == version) {
-        let outcome = if same.schema == candidate {
+        let outcome = if same.schema.is(candidate) {
             Outcome::Existing
         } else {
             Outcome::Conflict
@@ -210,7 +277,7 @@ pub fn decide(
             outcome,
             version: version.clone(),
             predecessor: None,
-            verdict: compare(same.schema, candidate),
+            verdict: step(same, candidate, true),
             violations: Vec::new(),
             suggested,
         };
@@ -220,7 +287,7 @@ pub fn decide(
     let mut found = Vec::new();
     let verdict = match predecessor {
         Some(p) => {
-            let verdict = compare(p.schema, candidate);
+            let verdict = step(&p, candidate, true);
             let declared = declared_bump(p.version, version);
             found.extend(violations(&verdict, declared, p.version));
             if declared < Bump::Major {
@@ -231,9 +298,9 @@ pub fn decide(
         None => empty(),
     };
     if let Some(s) = successor {
-        let step = compare(candidate, s.schema);
+        let to_successor = step(&s, candidate, false);
         found.extend(violations(
-            &step,
+            &to_successor,
             declared_bump(version, s.version),
             s.version,
         ));

@@ -94,24 +94,53 @@ impl Schema {
             files.insert(file.name().to_owned(), file.file_descriptor_proto().clone());
             todo.extend(file.dependencies());
         }
+        let whole = files.len() == pool.files().len();
         let normalised = FileDescriptorSet {
             file: files.into_values().collect(),
         };
         let encoded = normalised.encode_to_vec();
-        let pool = DescriptorPool::from_file_descriptor_set(normalised)
-            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        // A set of just the message's files holds what the pool holds: keep the pool
+        // (a large schema's pool is many times its size, and takes a while to build).
+        let pool = if whole {
+            pool
+        } else {
+            DescriptorPool::from_file_descriptor_set(normalised)
+                .map_err(|e| SchemaError::Invalid(e.to_string()))?
+        };
         let message = pool
             .get_message_by_name(message)
             .ok_or_else(|| SchemaError::MessageNotFound(message.to_owned()))?;
-        let has_required = pool.all_messages().any(|m| {
+        Ok(Self::compiled(message, encoded))
+    }
+
+    /// A schema as [`Schema::new`] normalised it and the registry stored it: checked
+    /// as protoc would again (a stored schema may predate a check) and compiled once,
+    /// within no limits, for what was accepted once is not refused later. Half the
+    /// work of [`Schema::new`], which compiles a second time after normalising.
+    pub fn stored(descriptor_set: &[u8], message: &str) -> Result<Self, SchemaError> {
+        let mut set = FileDescriptorSet::decode(descriptor_set)
+            .map_err(|e| SchemaError::Decode(e.to_string()))?;
+        descriptors::before_pool(&mut set, &SchemaLimits::none())?;
+        let pool = DescriptorPool::from_file_descriptor_set(set.clone())
+            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        descriptors::after_pool(&set, &pool)?;
+        let message = message.strip_prefix('.').unwrap_or(message);
+        let message = pool
+            .get_message_by_name(message)
+            .ok_or_else(|| SchemaError::MessageNotFound(message.to_owned()))?;
+        Ok(Self::compiled(message, descriptor_set.to_vec()))
+    }
+
+    fn compiled(message: MessageDescriptor, encoded: Vec<u8>) -> Self {
+        let has_required = message.parent_pool().all_messages().any(|m| {
             m.fields()
                 .any(|f| f.cardinality() == prost_reflect::Cardinality::Required)
         });
-        Ok(Self {
+        Self {
             message,
             encoded,
             has_required,
-        })
+        }
     }
 
     /// Whether some message of the schema has a proto2 `required` field, which a

@@ -4,7 +4,7 @@
 
 mod common;
 
-use evmesh_schema::{Outcome, Registered, Schema, decide};
+use evmesh_schema::{Held, Outcome, Registered, Schema, decide};
 use semver::Version;
 
 fn v(s: &str) -> Version {
@@ -34,14 +34,34 @@ impl Registry {
         )
     }
 
+    /// The decision with every version compiled; the same decision must come when
+    /// the versions are held as stored, compiled only while compared.
     #[track_caller]
     fn decide(&self, body: &str, requested: Option<&str>) -> evmesh_schema::Decision {
         let existing: Vec<Registered<'_>> = self
             .0
             .iter()
-            .map(|(version, schema)| Registered { version, schema })
+            .map(|(version, schema)| Registered::compiled(version, schema))
             .collect();
-        decide(&existing, &root(body), requested.map(v).as_ref())
+        let decision = decide(&existing, &root(body), requested.map(v).as_ref());
+        let stored: Vec<Registered<'_>> = self
+            .0
+            .iter()
+            .map(|(version, schema)| Registered {
+                version,
+                schema: Held::Stored {
+                    descriptor_set: schema.encoded(),
+                    message_name: schema.message_name(),
+                },
+            })
+            .collect();
+        let again = decide(&stored, &root(body), requested.map(v).as_ref());
+        assert_eq!(
+            (decision.outcome, &decision.version, &decision.violations),
+            (again.outcome, &again.version, &again.violations)
+        );
+        assert_eq!(decision.suggested, again.suggested);
+        decision
     }
 }
 
@@ -158,4 +178,32 @@ fn successor_must_stay_a_valid_step() {
             .iter()
             .any(|x| x.against == v("1.0.2") && x.rule == "FIELD_ADDED")
     );
+}
+
+#[test]
+fn a_stored_version_that_no_longer_compiles_blocks_its_major_line() {
+    let (one, two) = (v("1.0.0"), v("1.1.0"));
+    let a = root(A);
+    let existing = [
+        Registered::compiled(&one, &a),
+        Registered {
+            version: &two,
+            schema: Held::Stored {
+                descriptor_set: b"\x0a\x03not a file set",
+                message_name: "shop.v1.Root",
+            },
+        },
+    ];
+    let d = decide(&existing, &root(A_B_C), Some(&v("1.2.0")));
+    assert_eq!(d.outcome, Outcome::Rejected);
+    assert!(
+        d.violations
+            .iter()
+            .any(|x| x.against == two && x.rule == "STORED_SCHEMA_UNREADABLE"),
+        "{:?}",
+        d.violations
+    );
+    // A new major line does not compare against it.
+    let d = decide(&existing, &root(A_B_C), Some(&v("2.0.0")));
+    assert_eq!(d.outcome, Outcome::Accepted);
 }
