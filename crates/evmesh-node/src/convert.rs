@@ -19,14 +19,13 @@ pub(crate) fn status(error: StoreError) -> Status {
         StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),
         StoreError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
         StoreError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
-        StoreError::ShuttingDown | StoreError::CommitFailed(_) => {
+        StoreError::ShuttingDown | StoreError::CommitFailed(_) | StoreError::Unavailable(_) => {
             Status::unavailable(error.to_string())
         }
-        StoreError::Corrupt { .. } => Status::data_loss(error.to_string()),
-        StoreError::Database(_)
-        | StoreError::Sqlite(_)
-        | StoreError::Migration(_)
-        | StoreError::Io(_) => {
+        StoreError::Corrupt { .. } | StoreError::DataLoss(_) => {
+            Status::data_loss(error.to_string())
+        }
+        StoreError::Backend(_) | StoreError::Io(_) => {
             tracing::error!(error = %error, "store error");
             Status::internal(error.to_string())
         }

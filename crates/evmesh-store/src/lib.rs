@@ -148,12 +148,16 @@ pub enum StoreError {
     CommitFailed(String),
     #[error("store is shutting down")]
     ShuttingDown,
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("database migration: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    /// The storage backend is not answering (a server unreachable, a leader being
+    /// elected): the request may be tried again.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The storage backend failed on this request.
+    #[error("storage: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The log is damaged where a read reached it: a page, a file.
+    #[error("{0}")]
+    DataLoss(String),
     #[error("corrupt record at sequence {sequence}: {source}")]
     Corrupt {
         sequence: u64,
@@ -164,22 +168,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the log itself is damaged: a record that does not decode, or SQLite
-    /// finding a corrupt page or a file that is not a database.
+    /// Whether the log itself is damaged: a record that does not decode, or the
+    /// backend finding a damaged page or file.
     pub fn is_corruption(&self) -> bool {
-        const CORRUPT: &str = "11";
-        const NOT_A_DATABASE: &str = "26";
-        match self {
-            Self::Corrupt { .. } => true,
-            Self::Database(sqlx::Error::Database(e)) => {
-                matches!(e.code().as_deref(), Some(CORRUPT | NOT_A_DATABASE))
-            }
-            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
-            ),
-            _ => false,
-        }
+        matches!(self, Self::Corrupt { .. } | Self::DataLoss(_))
     }
 }
 

@@ -29,6 +29,7 @@ use crate::{
 };
 
 mod dispatch;
+mod error;
 mod migrations;
 mod sync;
 mod writer;
