@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use evmesh_proto::v1::Event;
 use tokio::sync::mpsc;
 
+mod dispatch;
 pub mod sqlite;
 mod subject;
 

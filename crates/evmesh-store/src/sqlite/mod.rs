@@ -34,6 +34,7 @@ mod migrations;
 mod sync;
 mod writer;
 
+use crate::dispatch::ParkedRow;
 use dispatch::{Command, GroupHandle, GroupRow};
 use writer::WriteOp;
 
@@ -87,15 +88,6 @@ pub struct SqliteStore {
     tasks: Arc<Mutex<Tasks>>,
     /// Resolves once the writer thread has stopped.
     writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
-}
-
-/// A parked event as stored.
-pub(crate) struct ParkedRow {
-    pub sequence: u64,
-    /// `None`: waits for its aggregate to free.
-    pub due: Option<SystemTime>,
-    pub attempts: u32,
-    pub aggregate_id: String,
 }
 
 /// How often a call on a group tries again when its dispatcher retired meanwhile.

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dispatch::GroupRow;
 use super::{Log, seq_param, sync, unix_ms};
+use crate::dispatch::{Changes, ParkedChange};
 use crate::{Appended, Pattern, Result, StoreError, StoredEvent};
 
 pub(crate) enum WriteOp {
@@ -68,33 +69,8 @@ pub(crate) enum WriteOp {
 pub(crate) struct Checkpoint {
     pub group: String,
     pub floor: u64,
-    /// Forget every settled sequence above the floor first (a seek).
-    pub reset: bool,
-    pub settled: Vec<u64>,
-    pub unredrive: Vec<u64>,
-    pub dead: Vec<DeadRow>,
-    /// Parked events' changes, in order.
-    pub parked: Vec<(u64, ParkedChange)>,
+    pub changes: Changes,
     pub reply: Option<oneshot::Sender<Result<()>>>,
-}
-
-/// What became of a parked event.
-pub(crate) enum ParkedChange {
-    /// Set aside until `due` (or, `None`, until its aggregate frees), after
-    /// `attempts` deliveries.
-    Set {
-        due: Option<SystemTime>,
-        attempts: u32,
-    },
-    /// Settled for good.
-    Cleared,
-}
-
-pub(crate) struct DeadRow {
-    pub sequence: u64,
-    pub attempts: u32,
-    pub reason: String,
-    pub dead_at: SystemTime,
 }
 
 /// What to tell the sender of an op once the transaction is durable.
@@ -302,7 +278,9 @@ impl WriteOp {
     fn weight(&self) -> usize {
         match self {
             WriteOp::Append { events, .. } => events.len(),
-            WriteOp::Checkpoint(c) => 1 + c.settled.len() + c.dead.len() + c.parked.len(),
+            WriteOp::Checkpoint(c) => {
+                1 + c.changes.settled.len() + c.changes.dead.len() + c.changes.parked.len()
+            }
             _ => 1,
         }
     }
@@ -524,13 +502,13 @@ fn append(
 pub(crate) const WAITS_FOR_AGGREGATE: i64 = -1;
 
 fn checkpoint(tx: &Transaction<'_>, c: &Checkpoint) -> Result<()> {
-    if c.reset {
+    if c.changes.reset {
         tx.prepare_cached("DELETE FROM group_settled WHERE grp = ?1")?
             .execute([&c.group])?;
         tx.prepare_cached("DELETE FROM group_delayed WHERE grp = ?1")?
             .execute([&c.group])?;
     }
-    for (seq, parked) in &c.parked {
+    for (seq, parked) in &c.changes.parked {
         match parked {
             ParkedChange::Set { due, attempts } => tx
                 .prepare_cached(
@@ -553,18 +531,18 @@ fn checkpoint(tx: &Transaction<'_>, c: &Checkpoint) -> Result<()> {
         .execute(params![c.group, seq_param(c.floor)])?;
     let mut settle =
         tx.prepare_cached("INSERT OR IGNORE INTO group_settled (grp, seq) VALUES (?1, ?2)")?;
-    for &seq in c.settled.iter().filter(|&&s| s > c.floor) {
+    for &seq in c.changes.settled.iter().filter(|&&s| s > c.floor) {
         settle.execute(params![c.group, seq_param(seq)])?;
     }
     let mut unredrive =
         tx.prepare_cached("DELETE FROM group_redrive WHERE grp = ?1 AND seq = ?2")?;
-    for &seq in &c.unredrive {
+    for &seq in &c.changes.unredrive {
         unredrive.execute(params![c.group, seq_param(seq)])?;
     }
     let mut dead = tx.prepare_cached(
         "INSERT OR REPLACE INTO dead_letters (grp, seq, attempts, reason, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    for d in &c.dead {
+    for d in &c.changes.dead {
         dead.execute(params![
             c.group,
             seq_param(d.sequence),
