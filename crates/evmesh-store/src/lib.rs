@@ -18,6 +18,7 @@ use evmesh_proto::v1::Event;
 use tokio::sync::mpsc;
 
 mod dispatch;
+pub mod jetstream;
 pub mod sqlite;
 mod subject;
 

@@ -138,6 +138,13 @@ impl Pattern {
     pub fn as_str(&self) -> &str {
         &self.source
     }
+
+    /// The types part, without a version requirement: `shop.>` of `shop.>@^1`.
+    pub fn subject(&self) -> &str {
+        self.source
+            .split_once('@')
+            .map_or(self.source.as_str(), |(subject, _)| subject)
+    }
 }
 
 impl fmt::Display for Pattern {

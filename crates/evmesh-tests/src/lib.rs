@@ -619,3 +619,52 @@ pub fn span_attribute(
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A `nats-server` with JetStream on a free loopback port over a temporary store
+/// directory, stopped by its PID when dropped.
+pub struct NatsServer {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts one and waits until it listens.
+    pub async fn start() -> Self {
+        let binary = require_tool("nats-server");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let child = std::process::Command::new(binary)
+            .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
+            .arg(addr.port().to_string())
+            .arg("--store_dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let server = Self {
+            addr,
+            child,
+            _dir: dir,
+        };
+        eventually("nats-server listening", || async move {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

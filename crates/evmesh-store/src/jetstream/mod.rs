@@ -1,0 +1,470 @@
+//! The NATS JetStream backend, its first part: the cluster's objects (the events
+//! and dead-letter streams, the schemas bucket), checked or created at connect; the
+//! event log, with ids unique for as long as an event is retained; chains by
+//! correlation id; schema records. Group dispatch over consumers, which runs the
+//! shared [`crate::dispatch::Core`], comes next: until then this is not a `Store`
+//! and `evmesh serve` does not offer it. `../shared/JETSTREAM.md` holds the design.
+
+mod subject;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
+use bytes::Bytes;
+use evmesh_proto::v1::Event;
+use prost::Message;
+
+use crate::{Appended, Result, SchemaRecord, StoreError, StoredEvent};
+
+use subject::{EVENTS_PREFIX, PARTITIONS, chain_filter, event_subject};
+
+/// The stream of events.
+pub const EVENTS_STREAM: &str = "EVMESH_EVENTS";
+/// The stream of dead-letter records.
+pub const DLQ_STREAM: &str = "EVMESH_DLQ";
+/// The bucket of schema records.
+pub const SCHEMAS_BUCKET: &str = "EVMESH_SCHEMAS";
+/// The oldest server with what the backend needs (consumer reset, pinned clients,
+/// batch direct get, multi-filter consumers).
+pub const MIN_SERVER: semver::Version = semver::Version::new(2, 14, 0);
+/// The header carrying an event's schema version, for a group's version
+/// requirements, which the server cannot filter on.
+const SCHEMA_VERSION_HEADER: &str = "Evmesh-Schema-Version";
+
+/// How to reach and use the cluster.
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// Server URLs, e.g. `nats://127.0.0.1:4222`.
+    pub servers: Vec<String>,
+    /// Replicas of what the node creates.
+    pub replicas: usize,
+    pub credentials: Credentials,
+    /// A CA certificate (PEM) to verify the servers' TLS certificates with.
+    pub tls_ca: Option<PathBuf>,
+    /// JetStream's duplicate window on the events stream. Ids stay unique past it
+    /// (see [`JetStreamLog::append`]); it only bounds the server's memory of recent ids.
+    pub duplicate_window: Duration,
+    /// How long a publish whose outcome is unknown (a timeout, a leader election, a
+    /// lost connection) is sent again before the caller is told it is unavailable.
+    pub publish_retry_for: Duration,
+}
+
+impl JetStreamConfig {
+    pub fn new(servers: Vec<String>) -> Self {
+        Self {
+            servers,
+            replicas: 1,
+            credentials: Credentials::None,
+            tls_ca: None,
+            duplicate_window: Duration::from_secs(120),
+            publish_retry_for: Duration::from_secs(10),
+        }
+    }
+}
+
+/// NATS credentials, as async-nats takes them.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    None,
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Token(String),
+    /// A `.creds` file (a user JWT and its NKey seed).
+    CredsFile(PathBuf),
+}
+
+/// The cluster's event log and schema records.
+#[derive(Clone)]
+pub struct JetStreamLog {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    schemas: kv::Store,
+    publish_retry_for: Duration,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+impl JetStreamLog {
+    /// Connects, checks the server (version, JetStream on) and creates what is
+    /// missing, or checks what exists: a stream whose configuration conflicts with
+    /// what evmesh needs is refused, named, rather than changed.
+    pub async fn connect(config: &JetStreamConfig) -> Result<Self> {
+        let mut options = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .name("evmesh");
+        options = match &config.credentials {
+            Credentials::None => options,
+            Credentials::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            Credentials::Token(token) => options.token(token.clone()),
+            Credentials::CredsFile(path) => options.credentials_file(path).await.map_err(|e| {
+                StoreError::InvalidArgument(format!(
+                    "NATS credentials file {}: {e}",
+                    path.display()
+                ))
+            })?,
+        };
+        if let Some(ca) = &config.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let servers: Vec<async_nats::ServerAddr> = config
+            .servers
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| StoreError::InvalidArgument(format!("NATS server URL {s:?}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let client = options.connect(servers).await.map_err(|e| {
+            unavailable(
+                &format!("cannot reach NATS at {}", config.servers.join(",")),
+                e,
+            )
+        })?;
+        let version = client.server_info().version;
+        match semver::Version::parse(&version) {
+            Ok(v) if v >= MIN_SERVER => {}
+            _ => {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "nats-server {version} is too old: evmesh needs {MIN_SERVER} or newer"
+                )));
+            }
+        }
+        let js = jetstream::new(client.clone());
+        js.query_account().await.map_err(|e| {
+            StoreError::FailedPrecondition(format!(
+                "JetStream is not enabled on this NATS account or server ({e}): run nats-server with --jetstream"
+            ))
+        })?;
+        ensure_stream(&js, events_stream(config)).await?;
+        ensure_stream(&js, dlq_stream(config)).await?;
+        let schemas = match js.get_key_value(SCHEMAS_BUCKET).await {
+            Ok(bucket) => bucket,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: SCHEMAS_BUCKET.into(),
+                    history: 1,
+                    num_replicas: config.replicas,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("creating the schemas bucket", e))?,
+        };
+        Ok(Self {
+            client,
+            js,
+            schemas,
+            publish_retry_for: config.publish_retry_for,
+        })
+    }
+
+    /// Appends events, each once for as long as the stream retains it: an id seen
+    /// before is a duplicate with its original sequence, also after JetStream's
+    /// duplicate window (each event has a subject of its own ending in its id, and
+    /// is published only if that subject is empty). A publish whose outcome is
+    /// unknown is sent again, with the same id, until it is answered.
+    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>> {
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            acks.push(self.publish(&event).await?);
+        }
+        Ok(acks)
+    }
+
+    async fn publish(&self, event: &Event) -> Result<Appended> {
+        let subject = event_subject(event);
+        let payload = Bytes::from(event.encode_to_vec());
+        let deadline = Instant::now() + self.publish_retry_for;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&event.id)
+                .expected_last_subject_sequence(0)
+                .header(SCHEMA_VERSION_HEADER, event.schema_version.as_str());
+            let outcome = match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            let unknown = match outcome {
+                Ok(ack) => {
+                    return Ok(Appended {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(e) => match e.kind() {
+                    PublishErrorKind::WrongLastSequence => match original_sequence(&e) {
+                        Some(sequence) => {
+                            return Ok(Appended {
+                                sequence,
+                                duplicate: true,
+                            });
+                        }
+                        None => e.to_string(),
+                    },
+                    PublishErrorKind::MaxPayloadExceeded => {
+                        return Err(StoreError::InvalidArgument(format!(
+                            "event {:?} is larger than the NATS server's max_payload",
+                            event.id
+                        )));
+                    }
+                    // Unknown outcomes, and the same id racing in from elsewhere
+                    // (refused without the original sequence): ask again.
+                    _ => e.to_string(),
+                },
+            };
+            if Instant::now() + backoff > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "JetStream did not answer the publish of event {:?} ({unknown}); it may have been stored: publish it again with the same id",
+                    event.id
+                )));
+            }
+            tracing::debug!(event_id = %event.id, error = %unknown, "publish outcome unknown; sending again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// The events of one correlation id above sequence `after`, in log order, at
+    /// most `limit`: one batch direct get on the chain's subjects.
+    pub async fn chain(
+        &self,
+        correlation_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        use futures_util::StreamExt as _;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unavailable("reading a chain", e))?;
+        let request = serde_json::json!({
+            "seq": after + 1,
+            "next_by_subj": chain_filter(correlation_id),
+            "batch": limit,
+        });
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{EVENTS_STREAM}"),
+                inbox,
+                Bytes::from(request.to_string()),
+            )
+            .await
+            .map_err(|e| unavailable("reading a chain", e))?;
+        let mut chain = Vec::new();
+        loop {
+            let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable("JetStream did not answer a chain read".into())
+                })?
+                .ok_or_else(|| StoreError::Unavailable("the chain read was cut off".into()))?;
+            if reply
+                .status
+                .is_some_and(|s| s != async_nats::StatusCode::OK)
+            {
+                // 204: the end of the batch; 404: nothing (more) on those subjects.
+                break;
+            }
+            let sequence = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Sequence"))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    StoreError::Backend("a direct get reply without Nats-Sequence".into())
+                })?;
+            let event = Event::decode(reply.payload.as_ref())
+                .map_err(|source| StoreError::Corrupt { sequence, source })?;
+            chain.push(StoredEvent { sequence, event });
+            if chain.len() >= limit {
+                break;
+            }
+        }
+        Ok(chain)
+    }
+
+    /// Stores a schema version; AlreadyExists when that version is taken.
+    pub async fn put_schema(&self, record: SchemaRecord) -> Result<()> {
+        let key = schema_key(&record.event_type, &record.version);
+        let value = evmesh_proto::v1::Schema {
+            r#type: record.event_type.clone(),
+            version: record.version.to_string(),
+            message_name: record.message_name,
+            descriptor_set: record.descriptor_set,
+            registered_at: Some(record.registered_at.into()),
+        };
+        match self
+            .schemas
+            .create(&key, Bytes::from(value.encode_to_vec()))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(StoreError::AlreadyExists(format!(
+                    "version {} of {}",
+                    record.version, record.event_type
+                )))
+            }
+            Err(e) => Err(unavailable("storing a schema", e)),
+        }
+    }
+
+    /// Every stored schema version.
+    pub async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
+        use futures_util::TryStreamExt as _;
+        let keys: Vec<String> = self
+            .schemas
+            .keys()
+            .await
+            .map_err(|e| unavailable("listing schemas", e))?
+            .try_collect()
+            .await
+            .map_err(|e| unavailable("listing schemas", e))?;
+        let mut records = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(bytes) = self
+                .schemas
+                .get(&key)
+                .await
+                .map_err(|e| unavailable("reading a schema", e))?
+            else {
+                continue;
+            };
+            let schema = evmesh_proto::v1::Schema::decode(bytes.as_ref()).map_err(|e| {
+                StoreError::Backend(format!("schema record {key:?} does not decode: {e}").into())
+            })?;
+            let version = semver::Version::parse(&schema.version).map_err(|e| {
+                StoreError::Backend(
+                    format!(
+                        "schema record {key:?} has version {:?}: {e}",
+                        schema.version
+                    )
+                    .into(),
+                )
+            })?;
+            records.push(SchemaRecord {
+                event_type: schema.r#type,
+                version,
+                message_name: schema.message_name,
+                descriptor_set: schema.descriptor_set,
+                registered_at: schema
+                    .registered_at
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        Ok(records)
+    }
+}
+
+/// A schema version's key: the type's tokens, then the version in base64url (a
+/// KV key holds no `+`).
+fn schema_key(event_type: &str, version: &semver::Version) -> String {
+    use base64::Engine as _;
+    format!(
+        "{event_type}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(version.to_string())
+    )
+}
+
+/// The original sequence in a refusal for a subject that already has a message:
+/// `wrong last sequence: N`.
+fn original_sequence(e: &jetstream::context::PublishError) -> Option<u64> {
+    let source = std::error::Error::source(e)?.to_string();
+    let (_, rest) = source.split_once("wrong last sequence: ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|&n| n > 0)
+}
+
+fn events_stream(config: &JetStreamConfig) -> stream::Config {
+    stream::Config {
+        name: EVENTS_STREAM.into(),
+        subjects: vec![format!("{EVENTS_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        duplicate_window: config.duplicate_window,
+        metadata: [("evmesh.partitions".to_owned(), PARTITIONS.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+fn dlq_stream(config: &JetStreamConfig) -> stream::Config {
+    stream::Config {
+        name: DLQ_STREAM.into(),
+        subjects: vec!["evmesh.dlq.>".into()],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, or checks that the one there is what evmesh needs.
+async fn ensure_stream(js: &jetstream::Context, wanted: stream::Config) -> Result<()> {
+    let name = wanted.name.clone();
+    let existing = match js.get_stream(&name).await {
+        Ok(mut existing) => existing
+            .info()
+            .await
+            .map_err(|e| unavailable(&format!("reading stream {name}"), e))?
+            .config
+            .clone(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(wanted)
+                .await
+                .map_err(|e| unavailable(&format!("creating stream {name}"), e))?;
+            return Ok(());
+        }
+        Err(e) => return Err(unavailable(&format!("reading stream {name}"), e)),
+    };
+    let conflicts: Vec<String> = [
+        (existing.subjects != wanted.subjects).then(|| {
+            format!(
+                "subjects {:?}, not {:?}",
+                existing.subjects, wanted.subjects
+            )
+        }),
+        (existing.storage != wanted.storage).then(|| "memory storage, not file".to_owned()),
+        (existing.retention != wanted.retention)
+            .then(|| format!("retention {:?}, not limits", existing.retention)),
+        (wanted.deny_delete && !existing.deny_delete).then(|| "deletes allowed".to_owned()),
+        (wanted.allow_direct && !existing.allow_direct)
+            .then(|| "direct get not allowed".to_owned()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if conflicts.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::FailedPrecondition(format!(
+            "stream {name} exists with a configuration evmesh cannot use: {}; remove it or point evmesh at another account",
+            conflicts.join("; ")
+        )))
+    }
+}

@@ -1,0 +1,190 @@
+//! The JetStream backend's log against a real nats-server: the cluster's objects
+//! created and checked, ids unique past JetStream's duplicate window, racing
+//! publishes of one id, chains in log order, schema records.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use evmesh_store::jetstream::{EVENTS_STREAM, JetStreamConfig, JetStreamLog};
+use evmesh_store::{SchemaRecord, StoreError};
+use evmesh_tests::v1 as pb;
+use evmesh_tests::*;
+
+fn config(server: &NatsServer) -> JetStreamConfig {
+    JetStreamConfig::new(vec![server.url()])
+}
+
+fn event(id: &str, correlation: &str) -> pb::Event {
+    pb::Event {
+        id: id.into(),
+        r#type: "shop.order.placed".into(),
+        source: "test".into(),
+        correlation_id: correlation.into(),
+        aggregate_id: "o-1".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_creates_the_streams_then_checks_them() {
+    let server = NatsServer::start().await;
+    JetStreamLog::connect(&config(&server)).await.unwrap();
+    // Again: what exists is checked, not created.
+    JetStreamLog::connect(&config(&server)).await.unwrap();
+
+    let other = NatsServer::start().await;
+    let client = async_nats::connect(other.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: EVENTS_STREAM.into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let refused = JetStreamLog::connect(&config(&other)).await.err().unwrap();
+    let message = refused.to_string();
+    assert!(
+        matches!(refused, StoreError::FailedPrecondition(_)),
+        "{message}"
+    );
+    assert!(
+        message.contains(EVENTS_STREAM) && message.contains("orders.>"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = JetStreamConfig::new(vec![format!("nats://127.0.0.1:{port}")]);
+    let refused = JetStreamLog::connect(&config).await.err().unwrap();
+    assert!(matches!(refused, StoreError::Unavailable(_)), "{refused}");
+    assert!(
+        refused.to_string().contains("cannot reach NATS"),
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_is_unique_past_the_duplicate_window() {
+    let server = NatsServer::start().await;
+    let mut config = config(&server);
+    config.duplicate_window = Duration::from_millis(500);
+    let log = JetStreamLog::connect(&config).await.unwrap();
+    let first = log
+        .append(vec![
+            event("e-1", "c-1"),
+            event("e-2", "c-1"),
+            event("e-1", "c-1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        first
+            .iter()
+            .map(|a| (a.sequence, a.duplicate))
+            .collect::<Vec<_>>(),
+        [(1, false), (2, false), (1, true)]
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = log.append(vec![event("e-1", "c-1")]).await.unwrap();
+    assert_eq!((again[0].sequence, again[0].duplicate), (1, true));
+    // Ids that are not subject-safe are kept apart, not confused.
+    let odd = log
+        .append(vec![
+            event("a.b", "c 1"),
+            event("a-b", "c-1"),
+            event("a.b", "c 1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        odd.iter()
+            .map(|a| (a.sequence, a.duplicate))
+            .collect::<Vec<_>>(),
+        [(3, false), (4, false), (3, true)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishes_of_one_id_at_once_store_it_once() {
+    let server = NatsServer::start().await;
+    let log = JetStreamLog::connect(&config(&server)).await.unwrap();
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let (a, b) = tokio::join!(
+            log.append(vec![event(&id, "c")]),
+            log.append(vec![event(&id, "c")])
+        );
+        let (a, b) = (a.unwrap()[0], b.unwrap()[0]);
+        assert_eq!(a.sequence, b.sequence, "round {round}");
+        assert!(a.duplicate != b.duplicate, "round {round}: {a:?} {b:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_is_read_in_log_order_and_in_pages() {
+    let server = NatsServer::start().await;
+    let log = JetStreamLog::connect(&config(&server)).await.unwrap();
+    let events: Vec<pb::Event> = (0..30)
+        .map(|i| {
+            event(
+                &format!("e-{i}"),
+                if i % 3 == 0 { "wanted" } else { "other" },
+            )
+        })
+        .collect();
+    log.append(events).await.unwrap();
+    let chain = log.chain("wanted", 0, 100).await.unwrap();
+    let ids: Vec<&str> = chain.iter().map(|e| e.event.id.as_str()).collect();
+    let expected: Vec<String> = (0..30).step_by(3).map(|i| format!("e-{i}")).collect();
+    assert_eq!(ids, expected);
+    assert!(chain.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    let page = log.chain("wanted", chain[3].sequence, 4).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        chain[4..8].iter().map(|e| e.sequence).collect::<Vec<_>>()
+    );
+    assert!(log.chain("nobody", 0, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_records_are_kept_once_per_version() {
+    let server = NatsServer::start().await;
+    let log = JetStreamLog::connect(&config(&server)).await.unwrap();
+    let record = |version: &str, bytes: &[u8]| SchemaRecord {
+        event_type: "shop.order.placed".into(),
+        version: semver::Version::parse(version).unwrap(),
+        message_name: "shop.v1.OrderPlaced".into(),
+        descriptor_set: bytes.to_vec(),
+        registered_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    };
+    log.put_schema(record("1.0.0", b"one")).await.unwrap();
+    log.put_schema(record("1.1.0+build.7", b"two"))
+        .await
+        .unwrap();
+    let taken = log
+        .put_schema(record("1.0.0", b"other"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(taken, StoreError::AlreadyExists(_)), "{taken}");
+    let mut stored = log.schemas().await.unwrap();
+    stored.sort_by(|a, b| a.version.cmp(&b.version));
+    assert_eq!(
+        stored
+            .iter()
+            .map(|r| (r.version.to_string(), r.descriptor_set.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("1.0.0".to_owned(), b"one".to_vec()),
+            ("1.1.0+build.7".to_owned(), b"two".to_vec())
+        ]
+    );
+    assert_eq!(stored[0].registered_at, record("1.0.0", b"").registered_at);
+}
