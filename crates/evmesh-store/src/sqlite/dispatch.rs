@@ -1,603 +1,118 @@
-//! Group dispatch over the SQLite log: one task per durable group (or ephemeral
-//! subscription) that owns the group's [`Core`], reads the log into it, hands it
-//! the members' acks and nacks and the time, and writes its changes with the
-//! group's checkpoints. Members get deliveries through bounded channels; nothing
-//! here waits on a member.
+//! The SQLite log as group tasks see it ([`GroupLog`]): events by sequence from the
+//! read pool, the head watch, and a group's state in its tables, written through the
+//! single writer.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::sync::{oneshot, watch};
 
 use super::Log;
-use super::writer::{Checkpoint, WriteOp};
-use crate::dispatch::{Core, GroupConfig};
-use crate::{
-    Delivery, Feedback, GroupInfo, Membership, Pattern, Result, StoreError, Subscription,
-    SubscriptionControl, SubscriptionSpec,
-};
+use super::writer::WriteOp;
+use crate::dispatch::{Checkpoint, GroupLog, GroupRow, Restored};
+use crate::{Pattern, Result, StoreError, StoredEvent};
 
-/// Events read from the log at a time.
-const READ_BATCH: usize = 256;
-/// How often a group's state is checkpointed when it changed.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
-/// Feedback messages handled before dispatching again.
-const FEEDBACK_BATCH: usize = 1024;
-/// Events examined for the lag count per info request: a group far behind answers
-/// at once, counting what it has not examined yet as lag, and is exact once caught up.
-const LAG_SCAN_MAX: usize = 1 << 18;
-
-static EPHEMERAL: AtomicU64 = AtomicU64::new(1);
-
-/// A durable group's configuration as stored.
-#[derive(Debug, Clone)]
-pub(crate) struct GroupRow {
-    pub name: String,
-    pub patterns: Vec<Pattern>,
-    pub ack_timeout: Duration,
-    pub max_deliveries: u32,
-    pub ack_floor: u64,
+/// A group's configuration from its row in `groups`.
+pub(crate) fn group_row(row: &sqlx::sqlite::SqliteRow) -> Result<GroupRow> {
+    let name: String = row.get(0);
+    let patterns = row
+        .get::<&str, _>(1)
+        .lines()
+        .map(Pattern::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            StoreError::InvalidArgument(format!("stored pattern of group {name:?} {e}"))
+        })?;
+    Ok(GroupRow {
+        name,
+        patterns,
+        ack_timeout: Duration::from_millis(u64::try_from(row.get::<i64, _>(2)).unwrap_or(0)),
+        max_deliveries: u32::try_from(row.get::<i64, _>(3)).unwrap_or(0),
+        ack_floor: u64::try_from(row.get::<i64, _>(4)).unwrap_or(0),
+    })
 }
 
-impl GroupRow {
-    pub(crate) fn patterns_sql(patterns: &[Pattern]) -> String {
-        patterns
-            .iter()
-            .map(Pattern::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
+/// Queues an op that answers on `reply` and waits for the answer.
+async fn ask<T>(log: &Log, op: impl FnOnce(oneshot::Sender<Result<T>>) -> WriteOp) -> Result<T> {
+    let (reply, done) = oneshot::channel();
+    log.write(op(reply)).await?;
+    done.await.map_err(|_| StoreError::ShuttingDown)?
+}
+
+impl GroupLog for Log {
+    fn head(&self) -> u64 {
+        Log::head(self)
     }
 
-    pub(crate) fn from_sql(row: &sqlx::sqlite::SqliteRow) -> Result<Self> {
-        let name: String = row.get(0);
-        let patterns = row
-            .get::<&str, _>(1)
-            .lines()
-            .map(Pattern::parse)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                StoreError::InvalidArgument(format!("stored pattern of group {name:?} {e}"))
-            })?;
-        Ok(Self {
-            name,
-            patterns,
-            ack_timeout: Duration::from_millis(u64::try_from(row.get::<i64, _>(2)).unwrap_or(0)),
-            max_deliveries: u32::try_from(row.get::<i64, _>(3)).unwrap_or(0),
-            ack_floor: u64::try_from(row.get::<i64, _>(4)).unwrap_or(0),
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        Log::watch_head(self)
+    }
+
+    fn watch_shutdown(&self) -> watch::Receiver<bool> {
+        Log::watch_shutdown(self)
+    }
+
+    fn idle_group_exit(&self) -> Duration {
+        self.idle_group_exit
+    }
+
+    async fn read_one(&self, seq: u64) -> Result<Option<Arc<StoredEvent>>> {
+        Log::read_one(self, seq).await
+    }
+
+    async fn read_from(&self, seq: u64, n: usize) -> Result<Vec<Arc<StoredEvent>>> {
+        Log::read_from(self, seq, n).await
+    }
+
+    async fn restore(&self, group: &str) -> Result<Restored> {
+        let (settled, redrive) = self.group_sets(group).await?;
+        Ok(Restored {
+            settled,
+            redrive,
+            dead_count: self.dead_letter_count(group).await?,
+            parked: self.group_delayed(group).await?,
         })
     }
-}
 
-pub(crate) enum Command {
-    Join {
-        patterns: Vec<Pattern>,
-        max_in_flight: u32,
-        tx: mpsc::Sender<Delivery>,
-        failure: Arc<OnceLock<String>>,
-        reply: oneshot::Sender<Result<(u64, u64)>>,
-    },
-    Info(oneshot::Sender<Result<GroupInfo>>),
-    Seek {
-        floor: u64,
-        reply: oneshot::Sender<Result<GroupInfo>>,
-    },
-    Flush(oneshot::Sender<Result<()>>),
-    Redrive {
-        sequences: Vec<u64>,
-        reply: oneshot::Sender<Result<u64>>,
-    },
-    Purge {
-        sequences: Vec<u64>,
-        reply: oneshot::Sender<Result<u64>>,
-    },
-    /// Deletes the group and its dead letters, and ends the dispatcher.
-    Delete(oneshot::Sender<Result<u64>>),
-}
-
-/// The store's live durable dispatchers by group name. A dispatcher removes itself
-/// when it retires, under this lock, so the store never hands out a retired one
-/// without noticing (its commands channel is closed then).
-pub(crate) type Groups = Arc<tokio::sync::Mutex<HashMap<String, GroupHandle>>>;
-
-/// How the store and members reach a dispatcher.
-#[derive(Clone)]
-pub(crate) struct GroupHandle {
-    name: String,
-    commands: mpsc::Sender<Command>,
-    feedback: mpsc::Sender<(u64, Feedback)>,
-    leave: mpsc::UnboundedSender<u64>,
-}
-
-impl GroupHandle {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.commands.is_closed()
+    async fn checkpoint(&self, checkpoint: Checkpoint) -> Result<()> {
+        self.write(WriteOp::Checkpoint(checkpoint)).await
     }
 
-    fn is(&self, commands: &mpsc::Sender<Command>) -> bool {
-        self.commands.same_channel(commands)
-    }
-
-    pub(crate) async fn send(&self, command: Command) -> Result<()> {
-        self.commands
-            .send(command)
-            .await
+    fn update_patterns(&self, group: &str, patterns: &[Pattern]) -> Result<()> {
+        let op = WriteOp::UpdatePatterns {
+            group: group.to_owned(),
+            patterns: patterns.to_vec(),
+        };
+        // Best effort: the next checkpoint's writer is the same queue.
+        self.writer
+            .try_send(op)
             .map_err(|_| StoreError::ShuttingDown)
     }
 
-    pub(crate) async fn join(&self, spec: SubscriptionSpec, created: bool) -> Result<Subscription> {
-        let max_in_flight = spec
-            .max_in_flight
-            .clamp(1, SubscriptionSpec::MAX_MAX_IN_FLIGHT);
-        let (tx, deliveries) = mpsc::channel(max_in_flight as usize);
-        let (reply, answer) = oneshot::channel();
-        let failure = Arc::new(OnceLock::new());
-        self.send(Command::Join {
-            patterns: spec.patterns,
-            max_in_flight,
-            tx,
-            failure: failure.clone(),
+    async fn redrive(&self, group: &str, sequences: Vec<u64>) -> Result<Vec<u64>> {
+        ask(self, |reply| WriteOp::Redrive {
+            group: group.to_owned(),
+            sequences,
             reply,
         })
-        .await?;
-        let (member, start_sequence) = answer.await.map_err(|_| StoreError::ShuttingDown)??;
-        Ok(Subscription {
-            group: self.name.clone(),
-            member_id: member.to_string(),
-            created,
-            start_sequence,
-            auto_ack: spec.auto_ack,
-            deliveries,
-            failure,
-            control: SubscriptionControl {
-                member,
-                feedback: self.feedback.clone(),
-                _membership: Membership::new(member, self.leave.clone()),
-            },
-        })
-    }
-}
-
-struct Dispatcher {
-    core: Core<mpsc::Sender<Delivery>>,
-    log: Arc<Log>,
-    durable: bool,
-    /// For a durable group: the store's map, to leave when it retires, and its own
-    /// commands sender, to know itself there.
-    registry: Option<(Groups, mpsc::Sender<Command>)>,
-    /// Set once the group is deleted: nothing more is checkpointed.
-    deleted: bool,
-    /// Since when the group has been idle.
-    idle_since: Option<Instant>,
-    commands: mpsc::Receiver<Command>,
-    feedback: mpsc::Receiver<(u64, Feedback)>,
-    leave: mpsc::UnboundedReceiver<u64>,
-}
-
-/// The receiving ends of a dispatcher's channels.
-struct Inboxes {
-    commands: mpsc::Receiver<Command>,
-    feedback: mpsc::Receiver<(u64, Feedback)>,
-    leave: mpsc::UnboundedReceiver<u64>,
-}
-
-fn channels(name: &str) -> (GroupHandle, Inboxes) {
-    let (commands, commands_rx) = mpsc::channel(64);
-    let (feedback, feedback_rx) = mpsc::channel(4096);
-    let (leave, leave_rx) = mpsc::unbounded_channel();
-    let handle = GroupHandle {
-        name: name.to_owned(),
-        commands,
-        feedback,
-        leave,
-    };
-    let inboxes = Inboxes {
-        commands: commands_rx,
-        feedback: feedback_rx,
-        leave: leave_rx,
-    };
-    (handle, inboxes)
-}
-
-impl Dispatcher {
-    fn new(log: Arc<Log>, row: GroupRow, durable: bool) -> (Self, GroupHandle) {
-        let (
-            handle,
-            Inboxes {
-                commands,
-                feedback,
-                leave,
-            },
-        ) = channels(&row.name);
-        let config = GroupConfig {
-            name: row.name,
-            durable,
-            patterns: row.patterns,
-            ack_timeout: row.ack_timeout,
-            max_deliveries: row.max_deliveries,
-        };
-        let dispatcher = Self {
-            core: Core::new(config, row.ack_floor),
-            log,
-            durable,
-            registry: None,
-            deleted: false,
-            idle_since: None,
-            commands,
-            feedback,
-            leave,
-        };
-        (dispatcher, handle)
+        .await
     }
 
-    fn name(&self) -> &str {
-        self.core.name()
-    }
-}
-
-pub(crate) async fn spawn_durable(
-    log: Arc<Log>,
-    row: GroupRow,
-    groups: Groups,
-) -> Result<(GroupHandle, JoinHandle<()>)> {
-    let (settled, redrive) = log.group_sets(&row.name).await?;
-    let dead_count = log.dead_letter_count(&row.name).await?;
-    let parked = log.group_delayed(&row.name).await?;
-    let (mut dispatcher, handle) = Dispatcher::new(log, row, true);
-    dispatcher.registry = Some((groups, handle.commands.clone()));
-    dispatcher
-        .core
-        .restore(settled, redrive, dead_count, parked, Instant::now());
-    Ok((handle, tokio::spawn(dispatcher.run())))
-}
-
-pub(crate) fn spawn_ephemeral(
-    log: Arc<Log>,
-    spec: &SubscriptionSpec,
-    floor: u64,
-) -> (GroupHandle, JoinHandle<()>) {
-    let row = GroupRow {
-        name: format!("_ephemeral.{}", EPHEMERAL.fetch_add(1, Ordering::Relaxed)),
-        patterns: spec.patterns.clone(),
-        ack_timeout: spec.ack_timeout,
-        max_deliveries: spec.max_deliveries,
-        ack_floor: floor,
-    };
-    let (dispatcher, handle) = Dispatcher::new(log, row, false);
-    (handle, tokio::spawn(dispatcher.run()))
-}
-
-impl Dispatcher {
-    async fn run(mut self) {
-        let mut shutdown = self.log.watch_shutdown();
-        let mut head = self.log.watch_head();
-        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if *shutdown.borrow_and_update() {
-                break;
-            }
-            if let Err(e) = self.fill().await {
-                if e.is_corruption() {
-                    self.fail_members(&e);
-                    if !self.durable {
-                        break;
-                    }
-                } else {
-                    tracing::error!(group = %self.name(), error = %e, "reading the log");
-                }
-            }
-            self.core.dispatch(Instant::now());
-            if self.deleted {
-                self.forget().await;
-                return;
-            }
-            let wake = self.core.next_wake();
-            self.idle_since = if self.idle() {
-                self.idle_since.or_else(|| Some(Instant::now()))
-            } else {
-                None
-            };
-            let retire_at = self.idle_since.map(|at| at + self.log.idle_group_exit);
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => break,
-                () = sleep_until(retire_at), if retire_at.is_some() => {
-                    if self.retire().await {
-                        return;
-                    }
-                }
-                Some(member) = self.leave.recv() => {
-                    // Acks a member sent before it left count: apply them first, or
-                    // what it acked would be redelivered to the others.
-                    while let Ok((_, feedback)) = self.feedback.try_recv() {
-                        self.core.feedback(feedback, Instant::now());
-                    }
-                    self.core.leave(member, Instant::now());
-                    if !self.durable && !self.core.has_members() {
-                        break;
-                    }
-                }
-                Some((_, feedback)) = self.feedback.recv() => {
-                    let now = Instant::now();
-                    self.core.feedback(feedback, now);
-                    for _ in 0..FEEDBACK_BATCH {
-                        match self.feedback.try_recv() {
-                            Ok((_, feedback)) => self.core.feedback(feedback, now),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Some(command) = self.commands.recv() => self.on_command(command).await,
-                Ok(()) = head.changed(), if self.core.wants_events() => {}
-                () = sleep_until(wake), if wake.is_some() => self.core.expire(Instant::now()),
-                _ = tick.tick() => {
-                    if let Err(e) = self.checkpoint(None).await {
-                        tracing::error!(group = %self.name(), error = %e, "checkpoint");
-                    }
-                }
-            }
-        }
-        // Acks that arrived before the stop count.
-        while let Ok((_, feedback)) = self.feedback.try_recv() {
-            self.core.feedback(feedback, Instant::now());
-        }
-        if let Err(e) = self.checkpoint(None).await {
-            tracing::error!(group = %self.name(), error = %e, "final checkpoint");
-        }
-    }
-
-    /// A durable group with no member and nothing timed: its state is all in the
-    /// log, so it needs no task until someone asks for it again.
-    fn idle(&self) -> bool {
-        self.registry.is_some() && self.core.is_idle()
-    }
-
-    /// Leaves the store's map and ends, its state checkpointed first, when still
-    /// idle and no command waits (the loop handles it, and the group was not idle).
-    /// A caller that got this dispatcher's handle before it left finds its channel
-    /// closed, and asks the store again, which starts a fresh dispatcher from the
-    /// log.
-    async fn retire(&mut self) -> bool {
-        // A dispatcher that stays starts its idle time over.
-        self.idle_since = None;
-        let Some((groups, own)) = self.registry.clone() else {
-            return false;
-        };
-        let mut map = groups.lock().await;
-        if !self.commands.is_empty() || !self.idle() {
-            return false;
-        }
-        if let Err(e) = self.flush().await {
-            tracing::error!(group = %self.name(), error = %e, "checkpoint before retiring; staying");
-            return false;
-        }
-        forget(&mut map, self.core.name(), &own);
-        self.commands.close();
-        drop(map);
-        tracing::debug!(group = %self.name(), "idle group retired");
-        true
-    }
-
-    /// Leaves the store's map, when it still names this dispatcher.
-    async fn forget(&self) {
-        if let Some((groups, own)) = &self.registry {
-            forget(&mut *groups.lock().await, self.core.name(), own);
-        }
-    }
-
-    /// Loads redriven dead letters, parked events now due, and new events from the
-    /// log into the core.
-    async fn fill(&mut self) -> Result<()> {
-        while let Some(seq) = self.core.next_to_load() {
-            let event = self.log.read_one(seq).await?;
-            self.core.loaded(seq, event);
-        }
-        while self.core.wants_events() && self.core.cursor() <= self.log.head() {
-            let batch = self.log.read_from(self.core.cursor(), READ_BATCH).await?;
-            if batch.is_empty() {
-                break;
-            }
-            for event in batch {
-                self.core.read(event);
-            }
-        }
-        Ok(())
-    }
-
-    /// Counts the events up to the head that no member has read yet, up to
-    /// `LAG_SCAN_MAX` of them.
-    async fn count_lag(&mut self) -> Result<()> {
-        let head = self.log.head();
-        let mut budget = LAG_SCAN_MAX;
-        while self.core.unscanned_from() <= head && budget > 0 {
-            let batch = self
-                .log
-                .read_from(self.core.unscanned_from(), READ_BATCH)
-                .await?;
-            if batch.is_empty() {
-                break;
-            }
-            self.core.scan(&batch);
-            budget = budget.saturating_sub(batch.len());
-        }
-        Ok(())
-    }
-
-    /// The log is damaged where the group reads: every member's subscription ends
-    /// with the reason (DATA_LOSS), rather than stalling. What they held goes back
-    /// to be delivered again; a seek past the damage lets members in again.
-    fn fail_members(&mut self, error: &StoreError) {
-        let cursor = self.core.cursor();
-        tracing::error!(group = %self.name(), error = %error, cursor, "the log is damaged where this group reads; ending its subscriptions");
-        let reason = format!(
-            "the log is damaged at or after sequence {cursor}: {error}; restore evmesh.db from a backup, or seek the group past it"
-        );
-        self.core.fail_members(&reason, Instant::now());
-    }
-
-    async fn on_command(&mut self, command: Command) {
-        match command {
-            Command::Join {
-                patterns,
-                max_in_flight,
-                tx,
-                failure,
-                reply,
-            } => {
-                let _ = reply.send(self.join(patterns, max_in_flight, tx, failure));
-            }
-            Command::Info(reply) => {
-                let _ = reply.send(self.info().await);
-            }
-            Command::Seek { floor, reply } => {
-                self.core.seek(floor);
-                let result = match self.flush().await {
-                    Ok(()) => self.info().await,
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
-            }
-            Command::Flush(reply) => {
-                let _ = reply.send(self.flush().await);
-            }
-            Command::Redrive { sequences, reply } => {
-                let _ = reply.send(self.redrive(sequences).await);
-            }
-            Command::Purge { sequences, reply } => {
-                let result = self.purge(sequences).await;
-                let _ = reply.send(result);
-            }
-            Command::Delete(reply) => {
-                let _ = reply.send(self.delete().await);
-            }
-        }
-    }
-
-    fn join(
-        &mut self,
-        patterns: Vec<Pattern>,
-        max_in_flight: u32,
-        tx: mpsc::Sender<Delivery>,
-        failure: Arc<OnceLock<String>>,
-    ) -> Result<(u64, u64)> {
-        if self.core.changes_patterns(&patterns)? && self.durable {
-            let op = WriteOp::UpdatePatterns {
-                group: self.name().to_owned(),
-                patterns: patterns.clone(),
-            };
-            // Best effort: the next checkpoint's writer is the same queue.
-            if self.log.writer.try_send(op).is_err() {
-                return Err(StoreError::ShuttingDown);
-            }
-        }
-        self.core.join(patterns, max_in_flight, tx, failure)
-    }
-
-    async fn info(&mut self) -> Result<GroupInfo> {
-        self.count_lag().await?;
-        Ok(self.core.info(self.log.head()))
-    }
-
-    async fn flush(&mut self) -> Result<()> {
-        let (reply, done) = oneshot::channel();
-        self.checkpoint(Some(reply)).await?;
-        done.await.map_err(|_| StoreError::ShuttingDown)?
-    }
-
-    /// Sends the state changes to the writer. With a reply, always sends, so the
-    /// reply says when everything before it is committed.
-    async fn checkpoint(&mut self, reply: Option<oneshot::Sender<Result<()>>>) -> Result<()> {
-        if !self.durable {
-            if let Some(reply) = reply {
-                let _ = reply.send(Ok(()));
-            }
-            return Ok(());
-        }
-        let changes = self.core.take_changes();
-        if changes.is_none() && reply.is_none() {
-            return Ok(());
-        }
-        let checkpoint = Checkpoint {
-            group: self.name().to_owned(),
-            floor: self.core.floor(),
-            changes: changes.unwrap_or_default(),
+    async fn purge(&self, group: &str, sequences: Vec<u64>) -> Result<u64> {
+        ask(self, |reply| WriteOp::Purge {
+            group: group.to_owned(),
+            sequences,
             reply,
-        };
-        self.log.write(WriteOp::Checkpoint(checkpoint)).await
+        })
+        .await
     }
 
-    async fn redrive(&mut self, sequences: Vec<u64>) -> Result<u64> {
-        self.flush().await?;
-        let (reply, done) = oneshot::channel();
-        self.log
-            .write(WriteOp::Redrive {
-                group: self.name().to_owned(),
-                sequences,
-                reply,
-            })
-            .await?;
-        let moved = done.await.map_err(|_| StoreError::ShuttingDown)??;
-        self.core.redriven(&moved);
-        tracing::info!(group = %self.name(), count = moved.len(), "dead letters redriven");
-        Ok(moved.len() as u64)
-    }
-
-    async fn delete(&mut self) -> Result<u64> {
-        if self.core.has_members() {
-            return Err(StoreError::FailedPrecondition(format!(
-                "group {:?} has {} live member(s); a group is deleted once they leave",
-                self.name(),
-                self.core.member_count()
-            )));
-        }
-        let (reply, done) = oneshot::channel();
-        self.log
-            .write(WriteOp::DeleteGroup {
-                group: self.name().to_owned(),
-                reply,
-            })
-            .await?;
-        let dead = done.await.map_err(|_| StoreError::ShuttingDown)??;
-        // Deleted: no checkpoint may write it again; a closed channel tells the
-        // store to start afresh for this name, and the run loop leaves its map.
-        self.deleted = true;
-        self.core.discard_changes();
-        self.commands.close();
-        tracing::info!(group = %self.name(), dead_letters = dead, "group deleted");
-        Ok(dead)
-    }
-
-    async fn purge(&mut self, sequences: Vec<u64>) -> Result<u64> {
-        self.flush().await?;
-        let (reply, done) = oneshot::channel();
-        self.log
-            .write(WriteOp::Purge {
-                group: self.name().to_owned(),
-                sequences,
-                reply,
-            })
-            .await?;
-        let purged = done.await.map_err(|_| StoreError::ShuttingDown)??;
-        self.core.purged(purged);
-        tracing::info!(group = %self.name(), count = purged, "dead letters purged");
-        Ok(purged)
-    }
-}
-
-fn forget(map: &mut HashMap<String, GroupHandle>, name: &str, own: &mpsc::Sender<Command>) {
-    if map.get(name).is_some_and(|h| h.is(own)) {
-        map.remove(name);
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+    async fn delete_group(&self, group: &str) -> Result<u64> {
+        ask(self, |reply| WriteOp::DeleteGroup {
+            group: group.to_owned(),
+            reply,
+        })
+        .await
     }
 }

@@ -34,8 +34,7 @@ mod migrations;
 mod sync;
 mod writer;
 
-use crate::dispatch::ParkedRow;
-use dispatch::{Command, GroupHandle, GroupRow};
+use crate::dispatch::{Command, GroupHandle, GroupRow, Groups, ParkedRow};
 use writer::WriteOp;
 
 /// The file name of the log inside the data directory.
@@ -84,7 +83,7 @@ impl Config {
 #[derive(Clone)]
 pub struct SqliteStore {
     log: Arc<Log>,
-    groups: dispatch::Groups,
+    groups: Groups,
     tasks: Arc<Mutex<Tasks>>,
     /// Resolves once the writer thread has stopped.
     writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
@@ -323,7 +322,7 @@ impl Log {
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| GroupRow::from_sql(&row)).transpose()
+        row.map(|row| dispatch::group_row(&row)).transpose()
     }
 }
 
@@ -495,7 +494,7 @@ impl SqliteStore {
             (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
         };
         let (handle, task) =
-            dispatch::spawn_durable(self.log.clone(), row, self.groups.clone()).await?;
+            crate::dispatch::spawn_durable(self.log.clone(), row, self.groups.clone()).await?;
         self.tasks.lock().await.push(task);
         groups.insert(name.to_owned(), handle.clone());
         Ok((handle, created))
@@ -593,7 +592,8 @@ impl Store for SqliteStore {
                     return Err(StoreError::ShuttingDown);
                 }
                 let floor = self.log.floor_for(spec.start).await?;
-                let (handle, task) = dispatch::spawn_ephemeral(self.log.clone(), &spec, floor);
+                let (handle, task) =
+                    crate::dispatch::spawn_ephemeral(self.log.clone(), &spec, floor);
                 self.tasks.lock().await.push(task);
                 handle.join(spec, true).await
             }

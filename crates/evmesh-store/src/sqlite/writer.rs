@@ -17,9 +17,8 @@ use evmesh_proto::v1::Event;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::dispatch::GroupRow;
 use super::{Log, seq_param, sync, unix_ms};
-use crate::dispatch::{Changes, ParkedChange};
+use crate::dispatch::{Checkpoint, GroupRow, ParkedChange};
 use crate::{Appended, Pattern, Result, StoreError, StoredEvent};
 
 pub(crate) enum WriteOp {
@@ -62,15 +61,6 @@ pub(crate) enum WriteOp {
     Stop {
         reply: oneshot::Sender<()>,
     },
-}
-
-/// A group's state changes since its last checkpoint.
-#[derive(Default)]
-pub(crate) struct Checkpoint {
-    pub group: String,
-    pub floor: u64,
-    pub changes: Changes,
-    pub reply: Option<oneshot::Sender<Result<()>>>,
 }
 
 /// What to tell the sender of an op once the transaction is durable.
@@ -368,7 +358,7 @@ fn apply(
             )?
             .execute(params![
                 row.name,
-                GroupRow::patterns_sql(&row.patterns),
+                GroupRow::patterns_text(&row.patterns),
                 i64::try_from(row.ack_timeout.as_millis()).unwrap_or(i64::MAX),
                 i64::from(row.max_deliveries),
                 seq_param(row.ack_floor),
@@ -378,7 +368,7 @@ fn apply(
         }
         WriteOp::UpdatePatterns { group, patterns } => {
             tx.prepare_cached("UPDATE groups SET patterns = ?1 WHERE name = ?2")?
-                .execute(params![GroupRow::patterns_sql(&patterns), group])?;
+                .execute(params![GroupRow::patterns_text(&patterns), group])?;
             Outcome::Done(None)
         }
         WriteOp::Checkpoint(c) => {

@@ -2,8 +2,8 @@
 //! for a retry or for its aggregate, settled, and which member gets what. A state
 //! machine that does no I/O: its backend feeds it events from its log and the
 //! members' acks and nacks, tells it the time, and persists the [`Changes`] it
-//! hands back (`sqlite::dispatch` is one such backend). Deliveries go out through
-//! each member's [`Outlet`], which never waits.
+//! hands back (the group task in `task.rs` does, over each backend's log).
+//! Deliveries go out through each member's [`Outlet`], which never waits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
