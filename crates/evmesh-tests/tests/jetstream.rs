@@ -188,3 +188,33 @@ async fn schema_records_are_kept_once_per_version() {
     );
     assert_eq!(stored[0].registered_at, record("1.0.0", b"").registered_at);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_follows_the_head_and_reads_the_log() {
+    let server = NatsServer::start().await;
+    let (a, b) = (
+        JetStreamLog::connect(&config(&server)).await.unwrap(),
+        JetStreamLog::connect(&config(&server)).await.unwrap(),
+    );
+    assert_eq!((a.head(), b.head()), (0, 0));
+    let mut head = b.watch_head();
+    let events: Vec<pb::Event> = (0..5).map(|i| event(&format!("e-{i}"), "c")).collect();
+    a.append(events).await.unwrap();
+    assert_eq!(a.head(), 5);
+    tokio::time::timeout(PATIENCE, head.wait_for(|&h| h == 5))
+        .await
+        .expect("the other node sees the head move")
+        .unwrap();
+    let read = b.read_from(2, 10).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [2, 3, 4, 5]
+    );
+    assert_eq!(read[0].event.id, "e-1");
+    assert_eq!(b.read_from(1, 2).await.unwrap().len(), 2);
+    assert_eq!(b.read_one(3).await.unwrap().unwrap().event.id, "e-2");
+    assert!(b.read_one(6).await.unwrap().is_none());
+    // A new node starts from the stream's head.
+    let c = JetStreamLog::connect(&config(&server)).await.unwrap();
+    assert_eq!(c.head(), 5);
+}

@@ -8,12 +8,14 @@
 mod subject;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
 use bytes::Bytes;
 use evmesh_proto::v1::Event;
 use prost::Message;
+use tokio::sync::watch;
 
 use crate::{Appended, Result, SchemaRecord, StoreError, StoredEvent};
 
@@ -83,6 +85,17 @@ pub struct JetStreamLog {
     js: jetstream::Context,
     schemas: kv::Store,
     publish_retry_for: Duration,
+    head: Arc<watch::Sender<u64>>,
+    _head_watch: Arc<AbortOnDrop>,
+}
+
+/// Ends a task when the last handle on it goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -157,11 +170,16 @@ impl JetStreamLog {
                 .await
                 .map_err(|e| unavailable("creating the schemas bucket", e))?,
         };
+        let last = last_sequence(&js).await?;
+        let head = Arc::new(watch::Sender::new(last));
+        let head_watch = tokio::spawn(watch_head(client.clone(), js.clone(), head.clone()));
         Ok(Self {
             client,
             js,
             schemas,
             publish_retry_for: config.publish_retry_for,
+            head,
+            _head_watch: Arc::new(AbortOnDrop(head_watch)),
         })
     }
 
@@ -195,6 +213,7 @@ impl JetStreamLog {
             };
             let unknown = match outcome {
                 Ok(ack) => {
+                    self.advance_head(ack.sequence);
                     return Ok(Appended {
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
@@ -240,7 +259,53 @@ impl JetStreamLog {
         correlation_id: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>> {
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        self.direct_batch(&chain_filter(correlation_id), after + 1, limit)
+            .await
+    }
+
+    /// Up to `limit` events from sequence `from` on, in log order.
+    pub async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Arc<StoredEvent>>> {
+        self.direct_batch(&format!("{EVENTS_PREFIX}.>"), from.max(1), limit)
+            .await
+    }
+
+    /// The event at `sequence`, `None` when the stream does not hold it.
+    pub async fn read_one(&self, sequence: u64) -> Result<Option<Arc<StoredEvent>>> {
+        let found = self.read_from(sequence, 1).await?;
+        Ok(found.into_iter().find(|e| e.sequence == sequence))
+    }
+
+    /// The last sequence in the stream, as this node last heard of it.
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Changes whenever the head moves: on this node's publishes, and soon after
+    /// another node's.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    fn advance_head(&self, sequence: u64) {
+        self.head.send_if_modified(|head| {
+            let moved = sequence > *head;
+            if moved {
+                *head = sequence;
+            }
+            moved
+        });
+    }
+
+    /// One batch direct get: up to `limit` messages on `filter` from sequence `from`
+    /// on. The server answers with each message, then a status (204 at the end of
+    /// the batch, 404 when nothing is there).
+    async fn direct_batch(
+        &self,
+        filter: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
         use futures_util::StreamExt as _;
         if limit == 0 {
             return Ok(Vec::new());
@@ -250,10 +315,10 @@ impl JetStreamLog {
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(|e| unavailable("reading a chain", e))?;
+            .map_err(|e| unavailable("reading the log", e))?;
         let request = serde_json::json!({
-            "seq": after + 1,
-            "next_by_subj": chain_filter(correlation_id),
+            "seq": from,
+            "next_by_subj": filter,
             "batch": limit,
         });
         self.client
@@ -263,20 +328,17 @@ impl JetStreamLog {
                 Bytes::from(request.to_string()),
             )
             .await
-            .map_err(|e| unavailable("reading a chain", e))?;
-        let mut chain = Vec::new();
-        loop {
+            .map_err(|e| unavailable("reading the log", e))?;
+        let mut events = Vec::new();
+        while events.len() < limit {
             let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
                 .await
-                .map_err(|_| {
-                    StoreError::Unavailable("JetStream did not answer a chain read".into())
-                })?
-                .ok_or_else(|| StoreError::Unavailable("the chain read was cut off".into()))?;
+                .map_err(|_| StoreError::Unavailable("JetStream did not answer a read".into()))?
+                .ok_or_else(|| StoreError::Unavailable("a read of the log was cut off".into()))?;
             if reply
                 .status
                 .is_some_and(|s| s != async_nats::StatusCode::OK)
             {
-                // 204: the end of the batch; 404: nothing (more) on those subjects.
                 break;
             }
             let sequence = reply
@@ -289,12 +351,9 @@ impl JetStreamLog {
                 })?;
             let event = Event::decode(reply.payload.as_ref())
                 .map_err(|source| StoreError::Corrupt { sequence, source })?;
-            chain.push(StoredEvent { sequence, event });
-            if chain.len() >= limit {
-                break;
-            }
+            events.push(Arc::new(StoredEvent { sequence, event }));
         }
-        Ok(chain)
+        Ok(events)
     }
 
     /// Stores a schema version; AlreadyExists when that version is taken.
@@ -368,6 +427,48 @@ impl JetStreamLog {
             });
         }
         Ok(records)
+    }
+}
+
+async fn last_sequence(js: &jetstream::Context) -> Result<u64> {
+    let mut events = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| unavailable("reading the events stream", e))?;
+    let info = events
+        .info()
+        .await
+        .map_err(|e| unavailable("reading the events stream", e))?;
+    Ok(info.state.last_sequence)
+}
+
+/// Follows the head of the events stream: every event published (by any node)
+/// reaches this core subscription too, and prompts one look at the stream's last
+/// sequence; a burst of them, one look.
+async fn watch_head(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    head: Arc<watch::Sender<u64>>,
+) {
+    use futures_util::StreamExt as _;
+    let Ok(mut published) = client.subscribe(format!("{EVENTS_PREFIX}.>")).await else {
+        tracing::error!("cannot follow the events stream's head");
+        return;
+    };
+    while published.next().await.is_some() {
+        while let Some(Some(_)) = futures_util::FutureExt::now_or_never(published.next()) {}
+        match last_sequence(&js).await {
+            Ok(last) => {
+                head.send_if_modified(|h| {
+                    let moved = last > *h;
+                    if moved {
+                        *h = last;
+                    }
+                    moved
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the events stream's head"),
+        }
     }
 }
 
