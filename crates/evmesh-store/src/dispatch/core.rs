@@ -69,6 +69,8 @@ pub(crate) enum ParkedChange {
     Set {
         due: Option<SystemTime>,
         attempts: u32,
+        /// The aggregate it holds or waits for.
+        aggregate_id: String,
     },
     /// Settled for good.
     Cleared,
@@ -553,6 +555,7 @@ impl<O: Outlet> Core<O> {
                 ParkedChange::Set {
                     due: Some(due),
                     attempts: pending.attempts,
+                    aggregate_id: pending.event.event.aggregate_id.clone(),
                 },
             ));
         }
@@ -578,6 +581,7 @@ impl<O: Outlet> Core<O> {
                 ParkedChange::Set {
                     due: None,
                     attempts: pending.attempts,
+                    aggregate_id: pending.event.event.aggregate_id.clone(),
                 },
             ));
         }

@@ -45,7 +45,11 @@ pub(crate) trait GroupLog: Send + Sync + 'static {
     /// everything before them are durable.
     fn checkpoint(&self, checkpoint: Checkpoint) -> impl Future<Output = Result<()>> + Send;
     /// Records a group's new patterns, ahead of its next checkpoint.
-    fn update_patterns(&self, group: &str, patterns: &[Pattern]) -> Result<()>;
+    fn update_patterns(
+        &self,
+        group: &str,
+        patterns: &[Pattern],
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Moves dead letters (all when `sequences` is empty) back into the group;
     /// returns the sequences moved.
     fn redrive(
@@ -488,7 +492,7 @@ impl<L: GroupLog> Dispatcher<L> {
                 failure,
                 reply,
             } => {
-                let _ = reply.send(self.join(patterns, max_in_flight, tx, failure));
+                let _ = reply.send(self.join(patterns, max_in_flight, tx, failure).await);
             }
             Command::Info(reply) => {
                 let _ = reply.send(self.info().await);
@@ -517,7 +521,7 @@ impl<L: GroupLog> Dispatcher<L> {
         }
     }
 
-    fn join(
+    async fn join(
         &mut self,
         patterns: Vec<Pattern>,
         max_in_flight: u32,
@@ -525,7 +529,9 @@ impl<L: GroupLog> Dispatcher<L> {
         failure: Arc<OnceLock<String>>,
     ) -> Result<(u64, u64)> {
         if self.core.changes_patterns(&patterns)? && self.durable {
-            self.log.update_patterns(self.core.name(), &patterns)?;
+            self.log
+                .update_patterns(self.core.name(), &patterns)
+                .await?;
         }
         self.core.join(patterns, max_in_flight, tx, failure)
     }

@@ -5,6 +5,7 @@
 //! shared [`crate::dispatch::Core`], comes next: until then this is not a `Store`
 //! and `evmesh serve` does not offer it. `../shared/JETSTREAM.md` holds the design.
 
+mod groups;
 mod subject;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::{Appended, Result, SchemaRecord, StoreError, StoredEvent};
 
+pub use groups::{GROUPS_BUCKET, JetStreamGroups};
 use subject::{EVENTS_PREFIX, PARTITIONS, chain_filter, event_subject};
 
 /// The stream of events.
@@ -157,19 +159,7 @@ impl JetStreamLog {
         })?;
         ensure_stream(&js, events_stream(config)).await?;
         ensure_stream(&js, dlq_stream(config)).await?;
-        let schemas = match js.get_key_value(SCHEMAS_BUCKET).await {
-            Ok(bucket) => bucket,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: SCHEMAS_BUCKET.into(),
-                    history: 1,
-                    num_replicas: config.replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("creating the schemas bucket", e))?,
-        };
+        let schemas = bucket(&js, SCHEMAS_BUCKET, config.replicas).await?;
         let last = last_sequence(&js).await?;
         let head = Arc::new(watch::Sender::new(last));
         let head_watch = tokio::spawn(watch_head(client.clone(), js.clone(), head.clone()));
@@ -274,6 +264,10 @@ impl JetStreamLog {
     pub async fn read_one(&self, sequence: u64) -> Result<Option<Arc<StoredEvent>>> {
         let found = self.read_from(sequence, 1).await?;
         Ok(found.into_iter().find(|e| e.sequence == sequence))
+    }
+
+    pub(crate) fn context(&self) -> jetstream::Context {
+        self.js.clone()
     }
 
     /// The last sequence in the stream, as this node last heard of it.
@@ -428,6 +422,26 @@ impl JetStreamLog {
         }
         Ok(records)
     }
+}
+
+/// A KV bucket of one version a key, created when missing.
+pub(crate) async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store> {
+    if let Ok(bucket) = js.get_key_value(name).await {
+        return Ok(bucket);
+    }
+    js.create_key_value(kv::Config {
+        bucket: name.into(),
+        history: 1,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| unavailable(&format!("creating the {name} bucket"), e))
 }
 
 async fn last_sequence(js: &jetstream::Context) -> Result<u64> {

@@ -79,7 +79,7 @@ impl GroupLog for Log {
         self.write(WriteOp::Checkpoint(checkpoint)).await
     }
 
-    fn update_patterns(&self, group: &str, patterns: &[Pattern]) -> Result<()> {
+    async fn update_patterns(&self, group: &str, patterns: &[Pattern]) -> Result<()> {
         let op = WriteOp::UpdatePatterns {
             group: group.to_owned(),
             patterns: patterns.to_vec(),

@@ -500,7 +500,7 @@ fn checkpoint(tx: &Transaction<'_>, c: &Checkpoint) -> Result<()> {
     }
     for (seq, parked) in &c.changes.parked {
         match parked {
-            ParkedChange::Set { due, attempts } => tx
+            ParkedChange::Set { due, attempts, .. } => tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO group_delayed (grp, seq, due_at, attempts) VALUES (?1, ?2, ?3, ?4)",
                 )?

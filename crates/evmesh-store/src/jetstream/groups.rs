@@ -1,0 +1,696 @@
+//! Durable groups' state in JetStream, as group tasks see it ([`GroupLog`]): one
+//! record per group in the `EVMESH_GROUPS` bucket (configuration, ack floor, settled
+//! sequences above it, redriven dead letters, parked events), written whole at each
+//! checkpoint with compare-and-set on the revision this node last wrote, so that a
+//! second writer of one group is refused rather than interleaved; dead letters as
+//! create-only records in `EVMESH_DLQ` on `evmesh.dlq.<group>.<sequence>`, the event
+//! itself staying in the events stream.
+//!
+//! Why a record and not the consumer's own ack state: the shared dispatch core
+//! decides every delivery (per-aggregate order, credit, delays, attempts, dead
+//! letters); its changes are what must be kept, exactly as the SQLite backend keeps
+//! them, and one owner at a time writes them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::subject::token;
+use super::{DLQ_STREAM, JetStreamLog, unavailable};
+use crate::dispatch::{Checkpoint, GroupLog, GroupRow, ParkedChange, ParkedRow, Restored};
+use crate::{Pattern, Result, StoreError, StoredEvent};
+
+/// The bucket of group records.
+pub const GROUPS_BUCKET: &str = "EVMESH_GROUPS";
+
+/// A parked event in a group record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Parked {
+    seq: u64,
+    /// Unix milliseconds; `None` waits for its aggregate.
+    due_ms: Option<u64>,
+    attempts: u32,
+    aggregate_id: String,
+}
+
+/// One durable group as kept in the bucket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct GroupRecord {
+    patterns: Vec<String>,
+    ack_timeout_ms: u64,
+    max_deliveries: u32,
+    floor: u64,
+    settled: BTreeSet<u64>,
+    redrive: BTreeSet<u64>,
+    parked: Vec<Parked>,
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl GroupRecord {
+    fn new(row: &GroupRow) -> Self {
+        Self {
+            patterns: row.patterns.iter().map(|p| p.as_str().to_owned()).collect(),
+            ack_timeout_ms: u64::try_from(row.ack_timeout.as_millis()).unwrap_or(u64::MAX),
+            max_deliveries: row.max_deliveries,
+            floor: row.ack_floor,
+            settled: BTreeSet::new(),
+            redrive: BTreeSet::new(),
+            parked: Vec::new(),
+        }
+    }
+
+    fn row(&self, name: &str) -> Result<GroupRow> {
+        let patterns = self
+            .patterns
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                StoreError::InvalidArgument(format!("stored pattern of group {name:?} {e}"))
+            })?;
+        Ok(GroupRow {
+            name: name.to_owned(),
+            patterns,
+            ack_timeout: Duration::from_millis(self.ack_timeout_ms),
+            max_deliveries: self.max_deliveries,
+            ack_floor: self.floor,
+        })
+    }
+
+    /// Applies a checkpoint's changes, as the SQLite writer applies them to its
+    /// tables.
+    fn apply(&mut self, checkpoint: &Checkpoint) {
+        let changes = &checkpoint.changes;
+        if changes.reset {
+            self.settled.clear();
+        }
+        for (seq, change) in &changes.parked {
+            self.parked.retain(|p| p.seq != *seq);
+            if let ParkedChange::Set {
+                due,
+                attempts,
+                aggregate_id,
+            } = change
+            {
+                self.parked.push(Parked {
+                    seq: *seq,
+                    due_ms: due.map(ms),
+                    attempts: *attempts,
+                    aggregate_id: aggregate_id.clone(),
+                });
+            }
+        }
+        self.floor = checkpoint.floor;
+        self.settled.extend(changes.settled.iter().copied());
+        let floor = self.floor;
+        self.settled.retain(|&s| s > floor);
+        for seq in &changes.unredrive {
+            self.redrive.remove(seq);
+        }
+    }
+}
+
+/// Group records and dead letters over one [`JetStreamLog`].
+pub struct JetStreamGroups {
+    log: JetStreamLog,
+    records: kv::Store,
+    dlq: jetstream::Context,
+    /// The revision of each group's record as this node last read or wrote it.
+    revisions: Mutex<HashMap<String, u64>>,
+    shutdown: watch::Sender<bool>,
+    idle_group_exit: Duration,
+}
+
+/// The subjects of one group's dead letters, or of one of them.
+fn dlq_subject(group: &str, seq: Option<u64>) -> String {
+    match seq {
+        Some(seq) => format!("evmesh.dlq.{}.{seq}", token(group)),
+        None => format!("evmesh.dlq.{}.>", token(group)),
+    }
+}
+
+impl JetStreamGroups {
+    /// Opens (creating when missing) the bucket of group records.
+    pub async fn open(log: JetStreamLog, replicas: usize) -> Result<Arc<Self>> {
+        let js = log.context();
+        let records = super::bucket(&js, GROUPS_BUCKET, replicas).await?;
+        Ok(Arc::new(Self {
+            log,
+            records,
+            dlq: js,
+            revisions: Mutex::default(),
+            shutdown: watch::Sender::new(false),
+            idle_group_exit: Duration::from_secs(5),
+        }))
+    }
+
+    /// The group's record and its revision.
+    async fn record(&self, group: &str) -> Result<Option<(GroupRecord, u64)>> {
+        let Some(entry) = self
+            .records
+            .entry(group)
+            .await
+            .map_err(|e| unavailable("reading a group", e))?
+        else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let record: GroupRecord = serde_json::from_slice(&entry.value).map_err(|e| {
+            StoreError::Backend(
+                format!("the record of group {group:?} does not decode: {e}").into(),
+            )
+        })?;
+        Ok(Some((record, entry.revision)))
+    }
+
+    /// A durable group's configuration, when it exists.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the JetStream Store, which comes next, calls it")
+    )]
+    pub(crate) async fn group_row(&self, group: &str) -> Result<Option<GroupRow>> {
+        match self.record(group).await? {
+            Some((record, revision)) => {
+                self.revisions_lock().insert(group.to_owned(), revision);
+                record.row(group).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Creates a group; false when one of that name exists already (another node
+    /// created it first, say), whose configuration is then the one to use.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the JetStream Store, which comes next, calls it")
+    )]
+    pub(crate) async fn create_group(&self, row: &GroupRow) -> Result<bool> {
+        let value = serde_json::to_vec(&GroupRecord::new(row))
+            .map_err(|e| StoreError::Backend(e.into()))?;
+        match self.records.create(&row.name, Bytes::from(value)).await {
+            Ok(revision) => {
+                self.revisions_lock().insert(row.name.clone(), revision);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(unavailable("creating a group", e)),
+        }
+    }
+
+    fn revisions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.revisions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the record, changes it, and writes it back at the revision it was
+    /// read at: a record another writer changed meanwhile is refused.
+    async fn update(&self, group: &str, change: impl FnOnce(&mut GroupRecord)) -> Result<()> {
+        let (mut record, revision) = self
+            .record(group)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("group {group:?}")))?;
+        let known = self.revisions_lock().get(group).copied();
+        if known.is_some_and(|known| known != revision) {
+            return Err(StoreError::FailedPrecondition(format!(
+                "group {group:?} was changed by another node; this node no longer owns it"
+            )));
+        }
+        change(&mut record);
+        let value = serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.into()))?;
+        let written = self
+            .records
+            .update(group, Bytes::from(value), revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => StoreError::FailedPrecondition(format!(
+                    "group {group:?} was changed by another node; this node no longer owns it"
+                )),
+                _ => unavailable("writing a group", e),
+            })?;
+        self.revisions_lock().insert(group.to_owned(), written);
+        Ok(())
+    }
+
+    /// Dead-letter records of a group: event sequence, attempts, reason, time, in
+    /// sequence order; only `sequences` when not empty.
+    async fn dead(
+        &self,
+        group: &str,
+        sequences: &[u64],
+    ) -> Result<Vec<(u64, u32, String, SystemTime)>> {
+        let stream = self
+            .dlq
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| unavailable("reading dead letters", e))?;
+        let info = stream
+            .info_with_subjects(dlq_subject(group, None))
+            .await
+            .map_err(|e| unavailable("reading dead letters", e))?;
+        let subjects: Vec<String> = {
+            use futures_util::TryStreamExt as _;
+            info.try_collect::<HashMap<String, usize>>()
+                .await
+                .map_err(|e| unavailable("reading dead letters", e))?
+                .into_keys()
+                .collect()
+        };
+        let mut dead = Vec::new();
+        for subject in subjects {
+            let Some(seq) = subject
+                .rsplit('.')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !sequences.is_empty() && !sequences.contains(&seq) {
+                continue;
+            }
+            let message = stream
+                .direct_get_last_for_subject(&subject)
+                .await
+                .map_err(|e| unavailable("reading a dead letter", e))?;
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            let attempts = header("Evmesh-Attempts").parse().unwrap_or(0);
+            let at =
+                UNIX_EPOCH + Duration::from_millis(header("Evmesh-Dead-At").parse().unwrap_or(0));
+            let reason = String::from_utf8_lossy(&message.payload).into_owned();
+            dead.push((seq, attempts, reason, at));
+        }
+        dead.sort_by_key(|d| d.0);
+        Ok(dead)
+    }
+
+    /// Purges a group's dead-letter records (all when `sequences` is empty).
+    async fn purge_dead(&self, group: &str, sequences: &[u64]) -> Result<u64> {
+        let stream = self
+            .dlq
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| unavailable("purging dead letters", e))?;
+        let filters: Vec<String> = if sequences.is_empty() {
+            vec![dlq_subject(group, None)]
+        } else {
+            sequences
+                .iter()
+                .map(|&s| dlq_subject(group, Some(s)))
+                .collect()
+        };
+        let mut purged = 0;
+        for filter in filters {
+            purged += stream
+                .purge()
+                .filter(filter)
+                .await
+                .map_err(|e| unavailable("purging dead letters", e))?
+                .purged;
+        }
+        Ok(purged)
+    }
+
+    /// The events of a group's dead letters above `after`, oldest first, at most
+    /// `limit`.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the JetStream Store, which comes next, calls it")
+    )]
+    pub(crate) async fn dead_letters(
+        &self,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::DeadLetter>> {
+        let mut letters = Vec::new();
+        for (seq, attempts, reason, dead_at) in self.dead(group, &[]).await? {
+            if seq <= after {
+                continue;
+            }
+            if letters.len() >= limit {
+                break;
+            }
+            if let Some(event) = self.log.read_one(seq).await? {
+                letters.push(crate::DeadLetter {
+                    event: StoredEvent::clone(&event),
+                    attempts,
+                    reason,
+                    dead_at,
+                });
+            }
+        }
+        Ok(letters)
+    }
+}
+
+impl GroupLog for JetStreamGroups {
+    fn head(&self) -> u64 {
+        self.log.head()
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.log.watch_head()
+    }
+
+    fn watch_shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    fn idle_group_exit(&self) -> Duration {
+        self.idle_group_exit
+    }
+
+    async fn read_one(&self, seq: u64) -> Result<Option<Arc<StoredEvent>>> {
+        self.log.read_one(seq).await
+    }
+
+    async fn read_from(&self, seq: u64, n: usize) -> Result<Vec<Arc<StoredEvent>>> {
+        self.log.read_from(seq, n).await
+    }
+
+    async fn restore(&self, group: &str) -> Result<Restored> {
+        let (record, revision) = self
+            .record(group)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("group {group:?}")))?;
+        self.revisions_lock().insert(group.to_owned(), revision);
+        let dead_count = self.dead(group, &[]).await?.len() as u64;
+        Ok(Restored {
+            settled: record.settled.into_iter().collect(),
+            redrive: record.redrive.into_iter().collect(),
+            dead_count,
+            parked: record
+                .parked
+                .into_iter()
+                .map(|p| ParkedRow {
+                    sequence: p.seq,
+                    due: p.due_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                    attempts: p.attempts,
+                    aggregate_id: p.aggregate_id,
+                })
+                .collect(),
+        })
+    }
+
+    async fn checkpoint(&self, mut checkpoint: Checkpoint) -> Result<()> {
+        let reply = checkpoint.reply.take();
+        let result = async {
+            // Dead letters first: a crash before the record is written delivers the
+            // event again, and the repeat record is refused as a duplicate.
+            for dead in &checkpoint.changes.dead {
+                let subject = dlq_subject(&checkpoint.group, Some(dead.sequence));
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(dead.reason.clone()))
+                    .expected_last_subject_sequence(0)
+                    .header("Evmesh-Attempts", dead.attempts.to_string().as_str())
+                    .header("Evmesh-Dead-At", ms(dead.dead_at).to_string().as_str());
+                let ack = self
+                    .dlq
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(|e| unavailable("writing a dead letter", e))?;
+                match ack.await {
+                    Ok(_) => {}
+                    Err(e)
+                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+                    Err(e) => return Err(unavailable("writing a dead letter", e)),
+                }
+            }
+            self.update(&checkpoint.group, |record| record.apply(&checkpoint))
+                .await
+        }
+        .await;
+        // As the SQLite writer: a checkpoint with a reply answers there.
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(result);
+                Ok(())
+            }
+            None => result,
+        }
+    }
+
+    async fn update_patterns(&self, group: &str, patterns: &[Pattern]) -> Result<()> {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.as_str().to_owned()).collect();
+        self.update(group, |record| record.patterns = patterns)
+            .await
+    }
+
+    async fn redrive(&self, group: &str, sequences: Vec<u64>) -> Result<Vec<u64>> {
+        let moved: Vec<u64> = self
+            .dead(group, &sequences)
+            .await?
+            .into_iter()
+            .map(|d| d.0)
+            .collect();
+        if moved.is_empty() {
+            return Ok(moved);
+        }
+        // The record first: a crash before the purge leaves a dead letter that is
+        // also redriven, delivered again (at least once), never lost.
+        self.update(group, |record| record.redrive.extend(moved.iter().copied()))
+            .await?;
+        self.purge_dead(group, &moved).await?;
+        Ok(moved)
+    }
+
+    async fn purge(&self, group: &str, sequences: Vec<u64>) -> Result<u64> {
+        self.purge_dead(group, &sequences).await
+    }
+
+    async fn delete_group(&self, group: &str) -> Result<u64> {
+        let dead = self.purge_dead(group, &[]).await?;
+        self.records
+            .purge(group)
+            .await
+            .map_err(|e| unavailable("deleting a group", e))?;
+        self.revisions_lock().remove(group);
+        Ok(dead)
+    }
+}
+
+/// The shared group task over JetStream group records, against a real nats-server.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use evmesh_proto::v1::Event;
+
+    use super::*;
+    use crate::dispatch::{Command, Groups, spawn_durable};
+    use crate::jetstream::JetStreamConfig;
+    use crate::{Feedback, SubscriptionSpec};
+
+    /// A nats-server on a free port, killed by its PID when dropped.
+    struct Server {
+        child: std::process::Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("nats-server")
+                .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
+                .arg(port.to_string())
+                .arg("--store_dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("nats-server on PATH (the README's test command installs it)");
+            for _ in 0..500 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Self {
+                child,
+                url: format!("nats://127.0.0.1:{port}"),
+                _dir: dir,
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn event(id: &str, aggregate: &str) -> Event {
+        Event {
+            id: id.into(),
+            r#type: "t.x".into(),
+            correlation_id: "c".into(),
+            aggregate_id: aggregate.into(),
+            ..Default::default()
+        }
+    }
+
+    fn row() -> GroupRow {
+        GroupRow {
+            name: "billing.workers".into(),
+            patterns: vec![Pattern::parse("t.>").unwrap()],
+            ack_timeout: Duration::from_secs(30),
+            max_deliveries: 2,
+            ack_floor: 0,
+        }
+    }
+
+    async fn open(server: &Server) -> Arc<JetStreamGroups> {
+        let log = JetStreamLog::connect(&JetStreamConfig::new(vec![server.url.clone()]))
+            .await
+            .unwrap();
+        JetStreamGroups::open(log, 1).await.unwrap()
+    }
+
+    async fn next(sub: &mut crate::Subscription) -> (u64, u32) {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a delivery in time")
+            .expect("a delivery");
+        (d.event.sequence, d.attempt)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_runs_over_jetstream_and_keeps_its_state_there() {
+        let server = Server::start().await;
+        let groups = open(&server).await;
+        assert!(groups.create_group(&row()).await.unwrap());
+        assert!(!groups.create_group(&row()).await.unwrap());
+        groups
+            .log
+            .append(vec![
+                event("a1", "a"),
+                event("a2", "a"),
+                event("b1", "b"),
+                event("c1", "c"),
+            ])
+            .await
+            .unwrap();
+        let stored = groups.group_row("billing.workers").await.unwrap().unwrap();
+        let (handle, task) = spawn_durable(groups.clone(), stored, Groups::default())
+            .await
+            .unwrap();
+        let spec = SubscriptionSpec {
+            group: Some("billing.workers".into()),
+            ..SubscriptionSpec::new(vec![Pattern::parse("t.>").unwrap()])
+        };
+        let mut sub = handle.join(spec.clone(), false).await.unwrap();
+        let control = sub.control();
+        let mut first = vec![
+            next(&mut sub).await,
+            next(&mut sub).await,
+            next(&mut sub).await,
+        ];
+        first.sort();
+        // One event per aggregate at a time: a2 waits for a1.
+        assert_eq!(first, [(1, 1), (3, 1), (4, 1)]);
+        control.send(Feedback::Ack(vec![1, 3])).await.unwrap();
+        assert_eq!(next(&mut sub).await, (2, 1));
+        control.send(Feedback::Ack(vec![2])).await.unwrap();
+        // Nacked twice: a dead letter with its reason, in EVMESH_DLQ.
+        control
+            .send(Feedback::Nack {
+                sequences: vec![4],
+                delay: Duration::ZERO,
+                reason: "first".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(next(&mut sub).await, (4, 2));
+        control
+            .send(Feedback::Nack {
+                sequences: vec![4],
+                delay: Duration::ZERO,
+                reason: "card declined".into(),
+            })
+            .await
+            .unwrap();
+        let (reply, flushed) = tokio::sync::oneshot::channel();
+        handle.send(Command::Flush(reply)).await.unwrap();
+        flushed.await.unwrap().unwrap();
+        let (record, _) = groups.record("billing.workers").await.unwrap().unwrap();
+        assert_eq!(record.floor, 4);
+        let dead = groups.dead_letters("billing.workers", 0, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (
+                dead[0].event.sequence,
+                dead[0].attempts,
+                dead[0].reason.as_str()
+            ),
+            (4, 2, "card declined")
+        );
+        drop(sub);
+        drop(control);
+        drop(handle);
+        task.abort();
+        let _ = task.await;
+
+        // Another node (a fresh view of the same records) redrives it: delivered
+        // again at attempt 1, and the dead letter is gone.
+        let other = open(&server).await;
+        let stored = other.group_row("billing.workers").await.unwrap().unwrap();
+        assert_eq!(stored.ack_floor, 4);
+        let (handle, task) = spawn_durable(other.clone(), stored, Groups::default())
+            .await
+            .unwrap();
+        let mut sub = handle.join(spec, false).await.unwrap();
+        let (reply, moved) = tokio::sync::oneshot::channel();
+        handle
+            .send(Command::Redrive {
+                sequences: Vec::new(),
+                reply,
+            })
+            .await
+            .unwrap();
+        assert_eq!(moved.await.unwrap().unwrap(), 1);
+        assert_eq!(next(&mut sub).await, (4, 1));
+        assert!(
+            other
+                .dead_letters("billing.workers", 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The first node's view is stale now: its write is refused, not merged.
+        let refused = groups
+            .update("billing.workers", |record| record.floor = 0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::FailedPrecondition(_)),
+            "{refused}"
+        );
+        drop(sub);
+        task.abort();
+    }
+}
