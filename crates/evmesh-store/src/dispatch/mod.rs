@@ -3,10 +3,11 @@
 //! backend's [`GroupLog`].
 
 mod core;
+mod registry;
 mod task;
 
 pub(crate) use core::{ParkedChange, ParkedRow};
-pub(crate) use task::{
-    Checkpoint, Command, GroupHandle, GroupLog, GroupRow, Groups, Restored, spawn_durable,
-    spawn_ephemeral,
-};
+pub(crate) use registry::{GroupCatalog, GroupRegistry};
+pub(crate) use task::{Checkpoint, Command, GroupLog, GroupRow, Restored};
+#[cfg(test)]
+pub(crate) use task::{Groups, spawn_durable};

@@ -10,8 +10,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::Log;
 use super::writer::WriteOp;
-use crate::dispatch::{Checkpoint, GroupLog, GroupRow, Restored};
-use crate::{Pattern, Result, StoreError, StoredEvent};
+use crate::dispatch::{Checkpoint, GroupCatalog, GroupLog, GroupRow, Restored};
+use crate::{Pattern, Result, StartPosition, StoreError, StoredEvent};
 
 /// A group's configuration from its row in `groups`.
 pub(crate) fn group_row(row: &sqlx::sqlite::SqliteRow) -> Result<GroupRow> {
@@ -114,5 +114,30 @@ impl GroupLog for Log {
             reply,
         })
         .await
+    }
+}
+
+impl GroupCatalog for Log {
+    async fn group_row(&self, name: &str) -> Result<Option<GroupRow>> {
+        Log::group_row(self, name).await
+    }
+
+    async fn create_group(&self, row: GroupRow) -> Result<GroupRow> {
+        // The registry holds its map while it creates: no other creation of this
+        // name runs meanwhile.
+        ask(self, |reply| WriteOp::CreateGroup {
+            row: row.clone(),
+            reply,
+        })
+        .await?;
+        Ok(row)
+    }
+
+    async fn floor_for(&self, position: StartPosition) -> Result<u64> {
+        Log::floor_for(self, position).await
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
     }
 }

@@ -21,7 +21,6 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 
 use crate::{
     AppendTicket, DeadLetter, GroupInfo, Result, SchemaRecord, StartPosition, Store, StoreError,
@@ -34,7 +33,7 @@ mod migrations;
 mod sync;
 mod writer;
 
-use crate::dispatch::{Command, GroupHandle, GroupRow, Groups, ParkedRow};
+use crate::dispatch::{Command, GroupRegistry, GroupRow, ParkedRow};
 use writer::WriteOp;
 
 /// The file name of the log inside the data directory.
@@ -83,38 +82,9 @@ impl Config {
 #[derive(Clone)]
 pub struct SqliteStore {
     log: Arc<Log>,
-    groups: Groups,
-    tasks: Arc<Mutex<Tasks>>,
+    groups: GroupRegistry<Log>,
     /// Resolves once the writer thread has stopped.
     writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
-}
-
-/// How often a call on a group tries again when its dispatcher retired meanwhile.
-const RETRIES: usize = 3;
-
-fn unreachable_group(group: &str) -> StoreError {
-    StoreError::FailedPrecondition(format!(
-        "group {group:?} keeps stopping as it is called; the node's log says why"
-    ))
-}
-
-/// The store's dispatcher tasks, awaited at shutdown. Ephemeral subscriptions come
-/// and go: finished tasks are swept when the list has doubled since the last sweep,
-/// so a subscribe costs O(1) amortised, however many are live.
-#[derive(Default)]
-struct Tasks {
-    handles: Vec<JoinHandle<()>>,
-    sweep_at: usize,
-}
-
-impl Tasks {
-    fn push(&mut self, task: JoinHandle<()>) {
-        if self.handles.len() >= self.sweep_at {
-            self.handles.retain(|t| !t.is_finished());
-            self.sweep_at = (2 * self.handles.len()).max(64);
-        }
-        self.handles.push(task);
-    }
 }
 
 /// What every task of the store shares: the writer, readers, the head of the log
@@ -315,7 +285,7 @@ impl Log {
             .collect()
     }
 
-    async fn group_row(&self, name: &str) -> Result<Option<GroupRow>> {
+    pub(crate) async fn group_row(&self, name: &str) -> Result<Option<GroupRow>> {
         let row = sqlx::query(
             "SELECT name, patterns, ack_timeout_ms, max_deliveries, ack_floor FROM groups WHERE name = ?",
         )
@@ -433,9 +403,8 @@ impl SqliteStore {
         conn.close().await?;
         tracing::info!(path = %path.display(), head, "log opened");
         Ok(Self {
+            groups: GroupRegistry::new(log.clone()),
             log,
-            groups: Arc::default(),
-            tasks: Arc::default(),
             writer_stopped: Arc::new(Mutex::new(Some(writer_stopped))),
         })
     }
@@ -455,82 +424,10 @@ impl SqliteStore {
         self.log.head()
     }
 
-    /// The handle of a durable group's dispatcher, spawning it when not running.
-    /// `create` makes the group when it does not exist.
-    async fn group(
-        &self,
-        name: &str,
-        create: Option<&SubscriptionSpec>,
-    ) -> Result<(GroupHandle, bool)> {
-        let mut groups = self.groups.lock().await;
-        if let Some(handle) = groups.get(name)
-            && !handle.is_closed()
-        {
-            return Ok((handle.clone(), false));
-        }
-        if *self.log.shutdown.borrow() {
-            return Err(StoreError::ShuttingDown);
-        }
-        let (row, created) = match (self.log.group_row(name).await?, create) {
-            (Some(row), _) => (row, false),
-            (None, Some(spec)) => {
-                let row = GroupRow {
-                    name: name.to_owned(),
-                    patterns: spec.patterns.clone(),
-                    ack_timeout: spec.ack_timeout,
-                    max_deliveries: spec.max_deliveries,
-                    ack_floor: self.log.floor_for(spec.start).await?,
-                };
-                let (reply, done) = oneshot::channel();
-                self.log
-                    .write(WriteOp::CreateGroup {
-                        row: row.clone(),
-                        reply,
-                    })
-                    .await?;
-                done.await.map_err(|_| StoreError::ShuttingDown)??;
-                (row, true)
-            }
-            (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
-        };
-        let (handle, task) =
-            crate::dispatch::spawn_durable(self.log.clone(), row, self.groups.clone()).await?;
-        self.tasks.lock().await.push(task);
-        groups.insert(name.to_owned(), handle.clone());
-        Ok((handle, created))
-    }
-
-    /// Asks a group's dispatcher, starting one when the group has none. A
-    /// dispatcher that retired as the question was sent is asked again, fresh.
-    async fn ask<T>(
-        &self,
-        group: &str,
-        make: impl Fn(oneshot::Sender<Result<T>>) -> Command,
-    ) -> Result<T> {
-        for _ in 0..RETRIES {
-            let (handle, _) = self.group(group, None).await?;
-            let (reply, answer) = oneshot::channel();
-            if handle.send(make(reply)).await.is_ok()
-                && let Ok(answer) = answer.await
-            {
-                return answer;
-            }
-            if *self.log.shutdown.borrow() {
-                return Err(StoreError::ShuttingDown);
-            }
-        }
-        Err(unreachable_group(group))
-    }
-
     /// Live durable dispatchers: groups with members, or used in the last
     /// [`Config::idle_group_exit`].
     pub async fn live_groups(&self) -> usize {
-        self.groups
-            .lock()
-            .await
-            .values()
-            .filter(|h| !h.is_closed())
-            .count()
+        self.groups.live().await
     }
 }
 
@@ -571,33 +468,7 @@ impl Store for SqliteStore {
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {
-        if spec.patterns.is_empty() {
-            return Err(StoreError::InvalidArgument(
-                "at least one pattern is required".into(),
-            ));
-        }
-        match spec.group.clone() {
-            Some(name) => {
-                for _ in 0..RETRIES {
-                    let (handle, created) = self.group(&name, Some(&spec)).await?;
-                    match handle.join(spec.clone(), created).await {
-                        Err(StoreError::ShuttingDown) if !*self.log.shutdown.borrow() => {}
-                        joined => return joined,
-                    }
-                }
-                Err(unreachable_group(&name))
-            }
-            None => {
-                if *self.log.shutdown.borrow() {
-                    return Err(StoreError::ShuttingDown);
-                }
-                let floor = self.log.floor_for(spec.start).await?;
-                let (handle, task) =
-                    crate::dispatch::spawn_ephemeral(self.log.clone(), &spec, floor);
-                self.tasks.lock().await.push(task);
-                handle.join(spec, true).await
-            }
-        }
+        self.groups.subscribe(spec).await
     }
 
     async fn chain(
@@ -627,20 +498,21 @@ impl Store for SqliteStore {
                 .await?;
         let mut infos = Vec::with_capacity(names.len());
         for name in names {
-            infos.push(self.ask(&name, Command::Info).await?);
+            infos.push(self.groups.ask(&name, Command::Info).await?);
         }
         Ok(infos)
     }
 
     async fn seek(&self, group: &str, position: StartPosition) -> Result<GroupInfo> {
         let floor = self.log.floor_for(position).await?;
-        self.ask(group, |reply| Command::Seek { floor, reply })
+        self.groups
+            .ask(group, |reply| Command::Seek { floor, reply })
             .await
     }
 
     async fn dead_letters(&self, group: &str, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {
         // Flush the group's latest state first, so that what is listed is current.
-        self.ask(group, Command::Flush).await?;
+        self.groups.ask(group, Command::Flush).await?;
         let rows = sqlx::query(
             "SELECT d.seq, e.envelope, d.attempts, d.reason, d.dead_at
              FROM dead_letters d JOIN events e ON e.seq = d.seq
@@ -664,23 +536,25 @@ impl Store for SqliteStore {
     }
 
     async fn redrive(&self, group: &str, sequences: &[u64]) -> Result<u64> {
-        self.ask(group, |reply| Command::Redrive {
-            sequences: sequences.to_vec(),
-            reply,
-        })
-        .await
+        self.groups
+            .ask(group, |reply| Command::Redrive {
+                sequences: sequences.to_vec(),
+                reply,
+            })
+            .await
     }
 
     async fn purge(&self, group: &str, sequences: &[u64]) -> Result<u64> {
-        self.ask(group, |reply| Command::Purge {
-            sequences: sequences.to_vec(),
-            reply,
-        })
-        .await
+        self.groups
+            .ask(group, |reply| Command::Purge {
+                sequences: sequences.to_vec(),
+                reply,
+            })
+            .await
     }
 
     async fn delete_group(&self, group: &str) -> Result<u64> {
-        self.ask(group, Command::Delete).await
+        self.groups.ask(group, Command::Delete).await
     }
 
     async fn put_schema(&self, record: SchemaRecord) -> Result<()> {
@@ -715,11 +589,7 @@ impl Store for SqliteStore {
 
     async fn shutdown(&self) -> Result<()> {
         self.log.shutdown.send_replace(true);
-        let tasks = std::mem::take(&mut self.tasks.lock().await.handles);
-        for task in tasks {
-            let _ = task.await;
-        }
-        self.groups.lock().await.clear();
+        self.groups.stop().await;
         let (reply, done) = oneshot::channel();
         // The writer stops after this op; everything queued before it is committed.
         if self.log.writer.send(WriteOp::Stop { reply }).await.is_ok() {
