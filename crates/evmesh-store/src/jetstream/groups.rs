@@ -22,8 +22,10 @@ use tokio::sync::watch;
 
 use super::subject::token;
 use super::{DLQ_STREAM, JetStreamLog, unavailable};
-use crate::dispatch::{Checkpoint, GroupLog, GroupRow, ParkedChange, ParkedRow, Restored};
-use crate::{Pattern, Result, StoreError, StoredEvent};
+use crate::dispatch::{
+    Checkpoint, GroupCatalog, GroupLog, GroupRow, ParkedChange, ParkedRow, Restored,
+};
+use crate::{Pattern, Result, StartPosition, StoreError, StoredEvent};
 
 /// The bucket of group records.
 pub const GROUPS_BUCKET: &str = "EVMESH_GROUPS";
@@ -175,10 +177,6 @@ impl JetStreamGroups {
     }
 
     /// A durable group's configuration, when it exists.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the JetStream Store, which comes next, calls it")
-    )]
     pub(crate) async fn group_row(&self, group: &str) -> Result<Option<GroupRow>> {
         match self.record(group).await? {
             Some((record, revision)) => {
@@ -191,10 +189,6 @@ impl JetStreamGroups {
 
     /// Creates a group; false when one of that name exists already (another node
     /// created it first, say), whose configuration is then the one to use.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the JetStream Store, which comes next, calls it")
-    )]
     pub(crate) async fn create_group(&self, row: &GroupRow) -> Result<bool> {
         let value = serde_json::to_vec(&GroupRecord::new(row))
             .map_err(|e| StoreError::Backend(e.into()))?;
@@ -484,6 +478,39 @@ impl GroupLog for JetStreamGroups {
     }
 }
 
+impl GroupCatalog for JetStreamGroups {
+    async fn group_row(&self, name: &str) -> Result<Option<GroupRow>> {
+        JetStreamGroups::group_row(self, name).await
+    }
+
+    async fn create_group(&self, row: GroupRow) -> Result<GroupRow> {
+        if JetStreamGroups::create_group(self, &row).await? {
+            return Ok(row);
+        }
+        // Another node made it first: its configuration holds.
+        JetStreamGroups::group_row(self, &row.name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("group {:?}", row.name)))
+    }
+
+    async fn floor_for(&self, position: StartPosition) -> Result<u64> {
+        let head = self.log.head();
+        Ok(match position {
+            StartPosition::Earliest => 0,
+            StartPosition::Latest => head,
+            StartPosition::Sequence(seq) => seq.saturating_sub(1).min(head),
+            StartPosition::Time(t) => match self.log.first_at_or_after(t).await? {
+                Some(first) => first - 1,
+                None => head,
+            },
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
 /// The shared group task over JetStream group records, against a real nats-server.
 #[cfg(test)]
 mod tests {
@@ -692,5 +719,61 @@ mod tests {
         );
         drop(sub);
         task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_start_where_asked_through_the_registry() {
+        use crate::StartPosition;
+        use crate::dispatch::GroupRegistry;
+
+        let server = Server::start().await;
+        let groups = open(&server).await;
+        groups
+            .log
+            .append(vec![event("old-1", ""), event("old-2", "")])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let cut = SystemTime::now();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        groups
+            .log
+            .append(vec![event("new-1", ""), event("new-2", "")])
+            .await
+            .unwrap();
+        let registry = GroupRegistry::new(groups.clone());
+        let subscribe = |name: Option<&str>, start| {
+            let mut spec = SubscriptionSpec::new(vec![Pattern::parse("t.>").unwrap()]);
+            spec.group = name.map(Into::into);
+            spec.start = start;
+            registry.subscribe(spec)
+        };
+        for (name, start, first) in [
+            (Some("from.time"), StartPosition::Time(cut), 3),
+            (Some("from.sequence"), StartPosition::Sequence(2), 2),
+            (Some("from.earliest"), StartPosition::Earliest, 1),
+            (None, StartPosition::Time(cut), 3),
+        ] {
+            let mut sub = subscribe(name, start).await.unwrap();
+            assert_eq!(sub.start_sequence, first, "{name:?}");
+            assert_eq!(next(&mut sub).await, (first, 1), "{name:?}");
+        }
+        // A group made by one subscribe is found by the next, with its start.
+        let again = subscribe(Some("from.time"), StartPosition::Earliest)
+            .await
+            .unwrap();
+        assert!(!again.created);
+        let latest = subscribe(Some("from.latest"), StartPosition::Latest)
+            .await
+            .unwrap();
+        assert_eq!(latest.start_sequence, 5);
+        // After the last event: nothing.
+        let future = SystemTime::now() + Duration::from_secs(3600);
+        let none = subscribe(Some("from.future"), StartPosition::Time(future))
+            .await
+            .unwrap();
+        assert_eq!(none.start_sequence, 5);
+        groups.shutdown.send_replace(true);
+        registry.stop().await;
     }
 }

@@ -250,14 +250,22 @@ impl JetStreamLog {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Arc<StoredEvent>>> {
-        self.direct_batch(&chain_filter(correlation_id), after + 1, limit)
-            .await
+        self.direct_batch(
+            &chain_filter(correlation_id),
+            Start::Sequence(after + 1),
+            limit,
+        )
+        .await
     }
 
     /// Up to `limit` events from sequence `from` on, in log order.
     pub async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Arc<StoredEvent>>> {
-        self.direct_batch(&format!("{EVENTS_PREFIX}.>"), from.max(1), limit)
-            .await
+        self.direct_batch(
+            &format!("{EVENTS_PREFIX}.>"),
+            Start::Sequence(from.max(1)),
+            limit,
+        )
+        .await
     }
 
     /// The event at `sequence`, `None` when the stream does not hold it.
@@ -268,6 +276,18 @@ impl JetStreamLog {
 
     pub(crate) fn context(&self) -> jetstream::Context {
         self.js.clone()
+    }
+
+    /// The sequence of the first event stored at or after `time`, `None` when there
+    /// is none.
+    pub async fn first_at_or_after(&self, time: SystemTime) -> Result<Option<u64>> {
+        let stamp = time::OffsetDateTime::from(time)
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| StoreError::InvalidArgument(format!("start time: {e}")))?;
+        let first = self
+            .direct_batch(&format!("{EVENTS_PREFIX}.>"), Start::Time(stamp), 1)
+            .await?;
+        Ok(first.first().map(|e| e.sequence))
     }
 
     /// The last sequence in the stream, as this node last heard of it.
@@ -297,7 +317,7 @@ impl JetStreamLog {
     async fn direct_batch(
         &self,
         filter: &str,
-        from: u64,
+        from: Start,
         limit: usize,
     ) -> Result<Vec<Arc<StoredEvent>>> {
         use futures_util::StreamExt as _;
@@ -310,11 +330,14 @@ impl JetStreamLog {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| unavailable("reading the log", e))?;
-        let request = serde_json::json!({
-            "seq": from,
+        let mut request = serde_json::json!({
             "next_by_subj": filter,
             "batch": limit,
         });
+        match from {
+            Start::Sequence(seq) => request["seq"] = seq.into(),
+            Start::Time(stamp) => request["start_time"] = stamp.into(),
+        }
         self.client
             .publish_with_reply(
                 format!("$JS.API.DIRECT.GET.{EVENTS_STREAM}"),
@@ -422,6 +445,13 @@ impl JetStreamLog {
         }
         Ok(records)
     }
+}
+
+/// Where a batch direct get starts.
+enum Start {
+    Sequence(u64),
+    /// RFC 3339.
+    Time(String),
 }
 
 /// A KV bucket of one version a key, created when missing.
