@@ -35,6 +35,8 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
+    /// A nats-server of the node's own, which outlives the node's restarts.
+    JetStream,
 }
 
 /// A node serving on 127.0.0.1 on an ephemeral port. Dropping it stops the node
@@ -45,6 +47,7 @@ pub struct TestNode {
     pub config: evmesh_node::NodeConfig,
     data: PathBuf,
     _dir: Option<tempfile::TempDir>,
+    nats: Option<std::sync::Arc<NatsServer>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -92,30 +95,69 @@ impl TestNode {
         data: &Path,
         config: evmesh_node::NodeConfig,
     ) -> Self {
-        let store = match backend {
-            Backend::Sqlite => SqliteStore::open(Config::new(data))
-                .await
-                .expect("open store"),
+        let nats = match backend {
+            Backend::Sqlite => None,
+            Backend::JetStream => Some(std::sync::Arc::new(
+                NatsServer::start_in(&data.join("jetstream")).await,
+            )),
         };
+        Self::serve(backend, data, config, nats).await
+    }
+
+    async fn serve(
+        backend: Backend,
+        data: &Path,
+        config: evmesh_node::NodeConfig,
+        nats: Option<std::sync::Arc<NatsServer>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let config_copy = config.clone();
-        let task = tokio::spawn(async move {
-            evmesh_node::serve(store, config, listener, async move {
-                let _ = stopped.await;
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        fn spawn<S: evmesh_store::Store>(
+            store: S,
+            config: evmesh_node::NodeConfig,
+            listener: tokio::net::TcpListener,
+            stopped: impl Future<Output = ()> + Send + 'static,
+        ) -> JoinHandle<()> {
+            tokio::spawn(async move {
+                evmesh_node::serve(store, config, listener, stopped)
+                    .await
+                    .expect("node failed");
             })
-            .await
-            .expect("node failed");
-        });
+        }
+        let task = match &nats {
+            None => spawn(
+                SqliteStore::open(Config::new(data))
+                    .await
+                    .expect("open store"),
+                config,
+                listener,
+                stopped,
+            ),
+            Some(server) => spawn(
+                evmesh_store::jetstream::JetStreamStore::open(
+                    &evmesh_store::jetstream::JetStreamConfig::new(vec![server.url()]),
+                )
+                .await
+                .expect("open store"),
+                config,
+                listener,
+                stopped,
+            ),
+        };
         Self {
             addr,
             backend,
             config: config_copy,
             data: data.to_owned(),
             _dir: None,
+            nats,
             stop: Some(stop),
             task: Some(task),
         }
@@ -148,12 +190,13 @@ impl TestNode {
     }
 
     /// Stops gracefully and starts again over the same data.
-    pub async fn restart(self) -> Self {
+    pub async fn restart(mut self) -> Self {
         let backend = self.backend;
         let config = self.config.clone();
         let data = self.data.clone();
+        let nats = self.nats.take();
         let dir = self.stop().await;
-        let mut node = Self::start_in_with(backend, &data, config).await;
+        let mut node = Self::serve(backend, &data, config, nats).await;
         node._dir = dir;
         node
     }
@@ -625,14 +668,22 @@ pub fn hex(bytes: &[u8]) -> String {
 pub struct NatsServer {
     pub addr: SocketAddr,
     child: std::process::Child,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
-    /// Starts one and waits until it listens.
+    /// Starts one over a temporary store directory and waits until it listens.
     pub async fn start() -> Self {
-        let binary = require_tool("nats-server");
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_in(dir.path()).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// Starts one over `store_dir` (what an earlier server there stored, it finds
+    /// again) and waits until it listens.
+    pub async fn start_in(store_dir: &Path) -> Self {
+        let binary = require_tool("nats-server");
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
@@ -640,7 +691,7 @@ impl NatsServer {
             .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
             .arg(addr.port().to_string())
             .arg("--store_dir")
-            .arg(dir.path())
+            .arg(store_dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -648,7 +699,7 @@ impl NatsServer {
         let server = Self {
             addr,
             child,
-            _dir: dir,
+            _dir: None,
         };
         eventually("nats-server listening", || async move {
             tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
@@ -663,7 +714,19 @@ impl NatsServer {
 }
 
 impl Drop for NatsServer {
+    /// Stops it by its PID: SIGTERM, so that it closes its store cleanly, then
+    /// SIGKILL if it has not exited within 5 s.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

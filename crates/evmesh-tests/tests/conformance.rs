@@ -1,6 +1,7 @@
 //! The conformance suite: what every storage backend must do, over real gRPC to a
 //! real node. Each test is a function of the backend; `suite!` instantiates all of
-//! them for each backend.
+//! them for each backend: the embedded SQLite log, and JetStream (a nats-server of
+//! the node's own).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -11,7 +12,10 @@ use evmesh_tests::v1 as pb;
 use evmesh_tests::*;
 
 macro_rules! suite {
-    ($module:ident, $backend:expr, [$($test:ident),* $(,)?]) => {
+    ([$($module:ident => $backend:expr),* $(,)?], $tests:tt) => {
+        $(suite!(@one $module, $backend, $tests);)*
+    };
+    (@one $module:ident, $backend:expr, [$($test:ident),* $(,)?]) => {
         mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,8 +28,10 @@ macro_rules! suite {
 }
 
 suite!(
-    sqlite,
-    evmesh_tests::Backend::Sqlite,
+    [
+        sqlite => evmesh_tests::Backend::Sqlite,
+        jetstream => evmesh_tests::Backend::JetStream,
+    ],
     [
         round_trip,
         acked_events_survive_restart,

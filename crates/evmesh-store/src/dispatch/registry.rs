@@ -140,6 +140,27 @@ impl<L: GroupCatalog> GroupRegistry<L> {
         Err(unreachable_group(group))
     }
 
+    pub(crate) async fn seek(&self, group: &str, floor: u64) -> Result<crate::GroupInfo> {
+        self.ask(group, |reply| Command::Seek { floor, reply })
+            .await
+    }
+
+    pub(crate) async fn redrive(&self, group: &str, sequences: &[u64]) -> Result<u64> {
+        self.ask(group, |reply| Command::Redrive {
+            sequences: sequences.to_vec(),
+            reply,
+        })
+        .await
+    }
+
+    pub(crate) async fn purge(&self, group: &str, sequences: &[u64]) -> Result<u64> {
+        self.ask(group, |reply| Command::Purge {
+            sequences: sequences.to_vec(),
+            reply,
+        })
+        .await
+    }
+
     /// Joins (or creates) a durable group, or starts an ephemeral one.
     pub(crate) async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {
         if spec.patterns.is_empty() {

@@ -202,6 +202,26 @@ impl JetStreamGroups {
         }
     }
 
+    /// Every durable group's name, in name order.
+    pub(crate) async fn names(&self) -> Result<Vec<String>> {
+        use futures_util::TryStreamExt as _;
+        let mut names: Vec<String> = self
+            .records
+            .keys()
+            .await
+            .map_err(|e| unavailable("listing groups", e))?
+            .try_collect()
+            .await
+            .map_err(|e| unavailable("listing groups", e))?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Tells every group task to finish: the store is stopping.
+    pub(crate) fn stop(&self) {
+        self.shutdown.send_replace(true);
+    }
+
     fn revisions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
         self.revisions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -321,10 +341,6 @@ impl JetStreamGroups {
 
     /// The events of a group's dead letters above `after`, oldest first, at most
     /// `limit`.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the JetStream Store, which comes next, calls it")
-    )]
     pub(crate) async fn dead_letters(
         &self,
         group: &str,

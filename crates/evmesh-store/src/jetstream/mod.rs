@@ -6,6 +6,7 @@
 //! and `evmesh serve` does not offer it. `../shared/JETSTREAM.md` holds the design.
 
 mod groups;
+mod store;
 mod subject;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use crate::{Appended, Result, SchemaRecord, StoreError, StoredEvent};
 
 pub use groups::{GROUPS_BUCKET, JetStreamGroups};
+pub use store::JetStreamStore;
 use subject::{EVENTS_PREFIX, PARTITIONS, chain_filter, event_subject};
 
 /// The stream of events.

@@ -505,9 +505,7 @@ impl Store for SqliteStore {
 
     async fn seek(&self, group: &str, position: StartPosition) -> Result<GroupInfo> {
         let floor = self.log.floor_for(position).await?;
-        self.groups
-            .ask(group, |reply| Command::Seek { floor, reply })
-            .await
+        self.groups.seek(group, floor).await
     }
 
     async fn dead_letters(&self, group: &str, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {
@@ -536,21 +534,11 @@ impl Store for SqliteStore {
     }
 
     async fn redrive(&self, group: &str, sequences: &[u64]) -> Result<u64> {
-        self.groups
-            .ask(group, |reply| Command::Redrive {
-                sequences: sequences.to_vec(),
-                reply,
-            })
-            .await
+        self.groups.redrive(group, sequences).await
     }
 
     async fn purge(&self, group: &str, sequences: &[u64]) -> Result<u64> {
-        self.groups
-            .ask(group, |reply| Command::Purge {
-                sequences: sequences.to_vec(),
-                reply,
-            })
-            .await
+        self.groups.purge(group, sequences).await
     }
 
     async fn delete_group(&self, group: &str) -> Result<u64> {
