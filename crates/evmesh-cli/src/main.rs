@@ -103,6 +103,44 @@ pub(crate) struct ServeArgs {
     /// Most concurrent RPCs (HTTP/2 streams) on one connection.
     #[arg(long, default_value_t = 1024)]
     max_streams_per_connection: u32,
+    /// Keep events, groups and schemas on NATS JetStream at these servers
+    /// (comma-separated URLs) instead of the embedded log.
+    #[arg(long, env = "EVMESH_NATS", value_delimiter = ',')]
+    nats: Vec<String>,
+    /// Replicas of the streams and buckets the node creates on NATS.
+    #[arg(
+        long,
+        env = "EVMESH_NATS_REPLICAS",
+        default_value_t = 1,
+        requires = "nats"
+    )]
+    nats_replicas: usize,
+    /// NATS user, with --nats-password.
+    #[arg(long, env = "EVMESH_NATS_USER", requires_all = ["nats", "nats_password"])]
+    nats_user: Option<String>,
+    /// NATS password, with --nats-user.
+    #[arg(
+        long,
+        env = "EVMESH_NATS_PASSWORD",
+        requires = "nats_user",
+        hide_env_values = true
+    )]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(
+        long,
+        env = "EVMESH_NATS_TOKEN",
+        requires = "nats",
+        conflicts_with = "nats_user",
+        hide_env_values = true
+    )]
+    nats_token: Option<String>,
+    /// NATS credentials file (a user JWT and its NKey seed).
+    #[arg(long, env = "EVMESH_NATS_CREDS", requires = "nats", conflicts_with_all = ["nats_user", "nats_token"])]
+    nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS servers' TLS certificates with.
+    #[arg(long, env = "EVMESH_NATS_CA", requires = "nats")]
+    nats_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

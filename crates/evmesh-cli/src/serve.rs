@@ -1,10 +1,11 @@
-//! `evmesh serve`: the node with its embedded log.
+//! `evmesh serve`: the node with its embedded log, or on NATS JetStream.
 
 use std::io::IsTerminal;
 
 use anyhow::Context;
 use evmesh_node::{ConnectionLimits, Limits, NodeConfig, RegistryLimits};
 use evmesh_schema::SchemaLimits;
+use evmesh_store::jetstream::{Credentials, JetStreamConfig, JetStreamStore};
 use evmesh_store::sqlite::{Config, SqliteStore};
 
 use crate::{LogFormat, ServeArgs};
@@ -77,16 +78,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!("{flag} must be at least 1");
         }
     }
-    let mut store_config = Config::new(&args.data);
-    store_config.integrity_check = !args.skip_integrity_check;
-    let store = SqliteStore::open(store_config)
-        .await
-        .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, data = %args.data.display(), "serving");
+    if args.nats_replicas == 0 {
+        anyhow::bail!("--nats-replicas must be at least 1");
+    }
     let config = NodeConfig {
         limits: Limits {
             max_payload_bytes: args.max_payload_bytes,
@@ -109,6 +103,49 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         trace_events: exporting,
         ..NodeConfig::default()
     };
-    evmesh_node::serve(store, config, listener, signal()).await?;
+    if args.nats.is_empty() {
+        let mut store_config = Config::new(&args.data);
+        store_config.integrity_check = !args.skip_integrity_check;
+        let store = SqliteStore::open(store_config)
+            .await
+            .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
+        let listener = listen(&args).await?;
+        tracing::info!(addr = %listener.local_addr()?, data = %args.data.display(), "serving");
+        evmesh_node::serve(store, config, listener, signal()).await?;
+    } else {
+        let store = JetStreamStore::open(&nats_config(&args))
+            .await
+            .with_context(|| format!("cannot use NATS at {}", args.nats.join(",")))?;
+        let listener = listen(&args).await?;
+        tracing::info!(addr = %listener.local_addr()?, nats = %args.nats.join(","), "serving");
+        evmesh_node::serve(store, config, listener, signal()).await?;
+    }
     Ok(())
+}
+
+async fn listen(args: &ServeArgs) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))
+}
+
+fn nats_config(args: &ServeArgs) -> JetStreamConfig {
+    let mut config = JetStreamConfig::new(args.nats.clone());
+    config.replicas = args.nats_replicas;
+    config.tls_ca = args.nats_ca.clone();
+    config.credentials = match (
+        &args.nats_user,
+        &args.nats_password,
+        &args.nats_token,
+        &args.nats_creds,
+    ) {
+        (Some(user), Some(password), _, _) => Credentials::UserPassword {
+            user: user.clone(),
+            password: password.clone(),
+        },
+        (_, _, Some(token), _) => Credentials::Token(token.clone()),
+        (_, _, _, Some(creds)) => Credentials::CredsFile(creds.clone()),
+        _ => Credentials::None,
+    };
+    config
 }

@@ -624,3 +624,75 @@ fn a_damaged_log_is_refused_then_data_loss() {
     let chain = node.run(&["chain", "damaged"]);
     one_line_error(&chain, "the log is damaged");
 }
+
+/// `serve --nats`: the node keeps its events and groups on NATS JetStream. What a
+/// node published, a second node on the same server serves (the chain, a group from
+/// earliest); an unreachable NATS is one line and a non-zero exit.
+#[test]
+fn serve_on_nats() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let nats = runtime.block_on(evmesh_tests::NatsServer::start());
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("payload.bin");
+    std::fs::write(&payload, b"\x0a\x03o-1").unwrap();
+    let payload = payload.to_str().unwrap();
+    let url = nats.url();
+    let first = Served::start_with(
+        &dir.path().join("one"),
+        &["--allow-unregistered", "--nats", &url],
+    );
+    for (id, causation) in [("o-1", ""), ("p-1", "o-1")] {
+        let placed: serde_json::Value = serde_json::from_str(&first.ok(&[
+            "publish",
+            "--message",
+            "shop.v1.OrderPlaced",
+            "--payload-file",
+            payload,
+            "--type",
+            "shop.order.placed",
+            "--id",
+            id,
+            "--correlation-id",
+            "o-1",
+            "--causation-id",
+            causation,
+        ]))
+        .unwrap();
+        assert_eq!(placed["duplicate"], false);
+    }
+    drop(first);
+    let second = Served::start_with(
+        &dir.path().join("two"),
+        &["--allow-unregistered", "--nats", &url],
+    );
+    let tree = second.ok(&["chain", "o-1"]);
+    assert!(
+        tree.lines().count() == 2 && tree.contains("id=p-1"),
+        "{tree}"
+    );
+    let out = second.ok(&[
+        "subscribe",
+        "shop.>",
+        "--group",
+        "audit",
+        "--from",
+        "earliest",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("nats://127.0.0.1:{port}");
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--nats", &down])
+        .env("EVMESH_DATA", dir.path().join("three"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    one_line_error(&out, &format!("evmesh: cannot use NATS at {down}"));
+}

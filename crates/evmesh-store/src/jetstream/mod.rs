@@ -1,9 +1,10 @@
-//! The NATS JetStream backend, its first part: the cluster's objects (the events
-//! and dead-letter streams, the schemas bucket), checked or created at connect; the
+//! The NATS JetStream backend: the cluster's objects (the events and dead-letter
+//! streams, the schemas and groups buckets), checked or created at connect; the
 //! event log, with ids unique for as long as an event is retained; chains by
-//! correlation id; schema records. Group dispatch over consumers, which runs the
-//! shared [`crate::dispatch::Core`], comes next: until then this is not a `Store`
-//! and `evmesh serve` does not offer it. `../shared/JETSTREAM.md` holds the design.
+//! correlation id; schema records; group records that the shared group task and
+//! [`crate::dispatch::Core`] run over; and [`JetStreamStore`], the `Store`.
+//! `../shared/JETSTREAM.md` holds the design; ARCHITECTURE.md says where this
+//! departs from it.
 
 mod groups;
 mod store;
