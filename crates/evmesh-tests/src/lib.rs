@@ -681,31 +681,51 @@ impl NatsServer {
     }
 
     /// Starts one over `store_dir` (what an earlier server there stored, it finds
-    /// again) and waits until it listens.
+    /// again) and waits until it listens. The server picks its own port and writes
+    /// it to a ports file: a port chosen here and freed for it could be taken by
+    /// another test's server meanwhile, and both tests would talk to that one.
     pub async fn start_in(store_dir: &Path) -> Self {
         let binary = require_tool("nats-server");
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
-        let child = std::process::Command::new(binary)
-            .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
-            .arg(addr.port().to_string())
+        std::fs::create_dir_all(store_dir).expect("store dir");
+        let mut child = std::process::Command::new(binary)
+            .args(["--jetstream", "--addr", "127.0.0.1", "--port", "-1"])
             .arg("--store_dir")
+            .arg(store_dir)
+            .arg("--ports_file_dir")
             .arg(store_dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start nats-server");
-        let server = Self {
+        let ports = store_dir.join(format!("nats-server_{}.ports", child.id()));
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let addr = loop {
+            let url = std::fs::read(&ports)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .and_then(|v| v["nats"][0].as_str().map(str::to_owned));
+            if let Some(addr) = url
+                .as_deref()
+                .and_then(|u| u.strip_prefix("nats://"))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server exited with {status} before it listened");
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nats-server wrote no ports file within {PATIENCE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        Self {
             addr,
             child,
             _dir: None,
-        };
-        eventually("nats-server listening", || async move {
-            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-        })
-        .await;
-        server
+        }
     }
 
     pub fn url(&self) -> String {

@@ -547,36 +547,38 @@ mod tests {
     }
 
     impl Server {
+        /// The server picks its port and writes it to a ports file (a port picked
+        /// here could be taken by another test's server before this one binds it).
         async fn start() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let child = std::process::Command::new("nats-server")
-                .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
-                .arg(port.to_string())
+            let mut child = std::process::Command::new("nats-server")
+                .args(["--jetstream", "--addr", "127.0.0.1", "--port", "-1"])
                 .arg("--store_dir")
+                .arg(dir.path())
+                .arg("--ports_file_dir")
                 .arg(dir.path())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("nats-server on PATH (the README's test command installs it)");
-            for _ in 0..500 {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    break;
+            let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
+            for _ in 0..1000 {
+                let url = std::fs::read(&ports)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["nats"][0].as_str().map(str::to_owned));
+                if let Some(url) = url {
+                    return Self {
+                        child,
+                        url,
+                        _dir: dir,
+                    };
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Self {
-                child,
-                url: format!("nats://127.0.0.1:{port}"),
-                _dir: dir,
-            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nats-server wrote no ports file within 10 s");
         }
     }
 
