@@ -204,15 +204,7 @@ impl JetStreamGroups {
 
     /// Every durable group's name, in name order.
     pub(crate) async fn names(&self) -> Result<Vec<String>> {
-        use futures_util::TryStreamExt as _;
-        let mut names: Vec<String> = self
-            .records
-            .keys()
-            .await
-            .map_err(|e| unavailable("listing groups", e))?
-            .try_collect()
-            .await
-            .map_err(|e| unavailable("listing groups", e))?;
+        let mut names = super::keys(&self.records, "listing groups").await?;
         names.sort();
         Ok(names)
     }
@@ -255,61 +247,55 @@ impl JetStreamGroups {
         Ok(())
     }
 
-    /// Dead-letter records of a group: event sequence, attempts, reason, time, in
-    /// sequence order; only `sequences` when not empty.
-    async fn dead(
-        &self,
-        group: &str,
-        sequences: &[u64],
-    ) -> Result<Vec<(u64, u32, String, SystemTime)>> {
-        let stream = self
-            .dlq
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| unavailable("reading dead letters", e))?;
+    /// The event sequences of a group's dead letters, in order: one look at the
+    /// dead-letter stream's subjects, no record read.
+    async fn dead_sequences(&self, group: &str) -> Result<Vec<u64>> {
+        use futures_util::TryStreamExt as _;
+        let stream = self.dlq_stream().await?;
         let info = stream
             .info_with_subjects(dlq_subject(group, None))
             .await
             .map_err(|e| unavailable("reading dead letters", e))?;
-        let subjects: Vec<String> = {
-            use futures_util::TryStreamExt as _;
-            info.try_collect::<HashMap<String, usize>>()
-                .await
-                .map_err(|e| unavailable("reading dead letters", e))?
-                .into_keys()
-                .collect()
+        let mut sequences: Vec<u64> = info
+            .try_collect::<HashMap<String, usize>>()
+            .await
+            .map_err(|e| unavailable("reading dead letters", e))?
+            .keys()
+            .filter_map(|subject| subject.rsplit('.').next()?.parse().ok())
+            .collect();
+        sequences.sort_unstable();
+        Ok(sequences)
+    }
+
+    async fn dlq_stream(&self) -> Result<jetstream::stream::Stream> {
+        self.dlq
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| unavailable("reading dead letters", e))
+    }
+
+    /// One dead-letter record: attempts, reason, time.
+    async fn dead_record(
+        &self,
+        stream: &jetstream::stream::Stream,
+        group: &str,
+        seq: u64,
+    ) -> Result<(u32, String, SystemTime)> {
+        let message = stream
+            .direct_get_last_for_subject(dlq_subject(group, Some(seq)))
+            .await
+            .map_err(|e| unavailable("reading a dead letter", e))?;
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
         };
-        let mut dead = Vec::new();
-        for subject in subjects {
-            let Some(seq) = subject
-                .rsplit('.')
-                .next()
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if !sequences.is_empty() && !sequences.contains(&seq) {
-                continue;
-            }
-            let message = stream
-                .direct_get_last_for_subject(&subject)
-                .await
-                .map_err(|e| unavailable("reading a dead letter", e))?;
-            let header = |name: &str| {
-                message
-                    .headers
-                    .get(name)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default()
-            };
-            let attempts = header("Evmesh-Attempts").parse().unwrap_or(0);
-            let at =
-                UNIX_EPOCH + Duration::from_millis(header("Evmesh-Dead-At").parse().unwrap_or(0));
-            let reason = String::from_utf8_lossy(&message.payload).into_owned();
-            dead.push((seq, attempts, reason, at));
-        }
-        dead.sort_by_key(|d| d.0);
-        Ok(dead)
+        let attempts = header("Evmesh-Attempts").parse().unwrap_or(0);
+        let at = UNIX_EPOCH + Duration::from_millis(header("Evmesh-Dead-At").parse().unwrap_or(0));
+        let reason = String::from_utf8_lossy(&message.payload).into_owned();
+        Ok((attempts, reason, at))
     }
 
     /// Purges a group's dead-letter records (all when `sequences` is empty).
@@ -347,17 +333,19 @@ impl JetStreamGroups {
         after: u64,
         limit: usize,
     ) -> Result<Vec<crate::DeadLetter>> {
+        let stream = self.dlq_stream().await?;
         let mut letters = Vec::new();
-        for (seq, attempts, reason, dead_at) in self.dead(group, &[]).await? {
+        for seq in self.dead_sequences(group).await? {
             if seq <= after {
                 continue;
             }
             if letters.len() >= limit {
                 break;
             }
+            let (attempts, reason, dead_at) = self.dead_record(&stream, group, seq).await?;
             if let Some(event) = self.log.read_one(seq).await? {
                 letters.push(crate::DeadLetter {
-                    event: StoredEvent::clone(&event),
+                    event: Arc::unwrap_or_clone(event),
                     attempts,
                     reason,
                     dead_at,
@@ -399,7 +387,7 @@ impl GroupLog for JetStreamGroups {
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("group {group:?}")))?;
         self.revisions_lock().insert(group.to_owned(), revision);
-        let dead_count = self.dead(group, &[]).await?.len() as u64;
+        let dead_count = self.dead_sequences(group).await?.len() as u64;
         Ok(Restored {
             settled: record.settled.into_iter().collect(),
             redrive: record.redrive.into_iter().collect(),
@@ -462,12 +450,10 @@ impl GroupLog for JetStreamGroups {
     }
 
     async fn redrive(&self, group: &str, sequences: Vec<u64>) -> Result<Vec<u64>> {
-        let moved: Vec<u64> = self
-            .dead(group, &sequences)
-            .await?
-            .into_iter()
-            .map(|d| d.0)
-            .collect();
+        let mut moved = self.dead_sequences(group).await?;
+        if !sequences.is_empty() {
+            moved.retain(|seq| sequences.contains(seq));
+        }
         if moved.is_empty() {
             return Ok(moved);
         }

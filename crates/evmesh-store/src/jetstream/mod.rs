@@ -252,7 +252,7 @@ impl JetStreamLog {
         correlation_id: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Arc<StoredEvent>>> {
+    ) -> Result<Vec<StoredEvent>> {
         self.direct_batch(
             &chain_filter(correlation_id),
             Start::Sequence(after + 1),
@@ -263,12 +263,14 @@ impl JetStreamLog {
 
     /// Up to `limit` events from sequence `from` on, in log order.
     pub async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Arc<StoredEvent>>> {
-        self.direct_batch(
-            &format!("{EVENTS_PREFIX}.>"),
-            Start::Sequence(from.max(1)),
-            limit,
-        )
-        .await
+        let events = self
+            .direct_batch(
+                &format!("{EVENTS_PREFIX}.>"),
+                Start::Sequence(from.max(1)),
+                limit,
+            )
+            .await?;
+        Ok(events.into_iter().map(Arc::new).collect())
     }
 
     /// The event at `sequence`, `None` when the stream does not hold it.
@@ -322,7 +324,7 @@ impl JetStreamLog {
         filter: &str,
         from: Start,
         limit: usize,
-    ) -> Result<Vec<Arc<StoredEvent>>> {
+    ) -> Result<Vec<StoredEvent>> {
         use futures_util::StreamExt as _;
         if limit == 0 {
             return Ok(Vec::new());
@@ -371,7 +373,7 @@ impl JetStreamLog {
                 })?;
             let event = Event::decode(reply.payload.as_ref())
                 .map_err(|source| StoreError::Corrupt { sequence, source })?;
-            events.push(Arc::new(StoredEvent { sequence, event }));
+            events.push(StoredEvent { sequence, event });
         }
         Ok(events)
     }
@@ -404,15 +406,7 @@ impl JetStreamLog {
 
     /// Every stored schema version.
     pub async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
-        use futures_util::TryStreamExt as _;
-        let keys: Vec<String> = self
-            .schemas
-            .keys()
-            .await
-            .map_err(|e| unavailable("listing schemas", e))?
-            .try_collect()
-            .await
-            .map_err(|e| unavailable("listing schemas", e))?;
+        let keys = keys(&self.schemas, "listing schemas").await?;
         let mut records = Vec::with_capacity(keys.len());
         for key in keys {
             let Some(bytes) = self
@@ -455,6 +449,18 @@ enum Start {
     Sequence(u64),
     /// RFC 3339.
     Time(String),
+}
+
+/// Every key of a bucket.
+pub(crate) async fn keys(bucket: &kv::Store, what: &str) -> Result<Vec<String>> {
+    use futures_util::TryStreamExt as _;
+    bucket
+        .keys()
+        .await
+        .map_err(|e| unavailable(what, e))?
+        .try_collect()
+        .await
+        .map_err(|e| unavailable(what, e))
 }
 
 /// A KV bucket of one version a key, created when missing.

@@ -76,8 +76,7 @@ impl Store for JetStreamStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
-        let chain = self.log.chain(correlation_id, after, limit).await?;
-        Ok(chain.iter().map(|e| StoredEvent::clone(e)).collect())
+        self.log.chain(correlation_id, after, limit).await
     }
 
     async fn groups(&self, after: &str, limit: usize) -> Result<Vec<GroupInfo>> {
