@@ -55,6 +55,8 @@ pub struct JetStreamConfig {
     /// How long a publish whose outcome is unknown (a timeout, a leader election, a
     /// lost connection) is sent again before the caller is told it is unavailable.
     pub publish_retry_for: Duration,
+    /// Publishes the node keeps in flight to JetStream at once.
+    pub publish_window: usize,
 }
 
 impl JetStreamConfig {
@@ -66,6 +68,7 @@ impl JetStreamConfig {
             tls_ca: None,
             duplicate_window: Duration::from_secs(120),
             publish_retry_for: Duration::from_secs(10),
+            publish_window: 4096,
         }
     }
 }
@@ -176,62 +179,64 @@ impl JetStreamLog {
         })
     }
 
-    /// Appends events, each once for as long as the stream retains it: an id seen
-    /// before is a duplicate with its original sequence, also after JetStream's
-    /// duplicate window (each event has a subject of its own ending in its id, and
-    /// is published only if that subject is empty). A publish whose outcome is
-    /// unknown is sent again, with the same id, until it is answered.
+    /// Appends events one after another, each once for as long as the stream
+    /// retains it: an id seen before is a duplicate with its original sequence,
+    /// also after JetStream's duplicate window (each event has a subject of its own
+    /// ending in its id, and is published only if that subject is empty). A publish
+    /// whose outcome is unknown is sent again, with the same id, until it is
+    /// answered. The store's publisher pipelines instead (see `store.rs`).
     pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>> {
+        self.check_sizes(&events)?;
         let mut acks = Vec::with_capacity(events.len());
-        for event in events {
-            acks.push(self.publish(&event).await?);
+        for event in &events {
+            acks.push(self.publish_until_answered(event).await?);
         }
         Ok(acks)
     }
 
-    async fn publish(&self, event: &Event) -> Result<Appended> {
-        let subject = event_subject(event);
-        let payload = Bytes::from(event.encode_to_vec());
+    /// Refuses a batch holding an event larger than the server takes, before any
+    /// of it is sent: a batch is stored whole or refused whole.
+    pub(crate) fn check_sizes(&self, events: &[Event]) -> Result<()> {
+        let max = self.client.server_info().max_payload;
+        match events.iter().find(|e| e.encoded_len() + 1024 > max) {
+            Some(event) => Err(StoreError::InvalidArgument(format!(
+                "event {:?} is larger than the NATS server's max_payload ({max} bytes)",
+                event.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends one publish; its outcome is awaited apart, so that many can be in
+    /// flight. A failure to send is an unknown outcome too.
+    pub(crate) async fn send(&self, event: &Event) -> Pending {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(event.encode_to_vec()))
+            .message_id(&event.id)
+            .expected_last_subject_sequence(0)
+            .header(SCHEMA_VERSION_HEADER, event.schema_version.as_str());
+        let log = self.clone();
+        match self.js.send_publish(event_subject(event), publish).await {
+            Ok(ack) => Box::pin(async move {
+                let outcome = outcome(ack.await);
+                if let Outcome::Stored(appended) = &outcome {
+                    log.advance_head(appended.sequence);
+                }
+                outcome
+            }),
+            Err(e) => Box::pin(std::future::ready(Outcome::Unknown(e.to_string()))),
+        }
+    }
+
+    /// Publishes one event, sending it again while its outcome is unknown, for up
+    /// to the configured time; then UNAVAILABLE.
+    pub(crate) async fn publish_until_answered(&self, event: &Event) -> Result<Appended> {
         let deadline = Instant::now() + self.publish_retry_for;
         let mut backoff = Duration::from_millis(10);
         loop {
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(&event.id)
-                .expected_last_subject_sequence(0)
-                .header(SCHEMA_VERSION_HEADER, event.schema_version.as_str());
-            let outcome = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            let unknown = match outcome {
-                Ok(ack) => {
-                    self.advance_head(ack.sequence);
-                    return Ok(Appended {
-                        sequence: ack.sequence,
-                        duplicate: ack.duplicate,
-                    });
-                }
-                Err(e) => match e.kind() {
-                    PublishErrorKind::WrongLastSequence => match original_sequence(&e) {
-                        Some(sequence) => {
-                            return Ok(Appended {
-                                sequence,
-                                duplicate: true,
-                            });
-                        }
-                        None => e.to_string(),
-                    },
-                    PublishErrorKind::MaxPayloadExceeded => {
-                        return Err(StoreError::InvalidArgument(format!(
-                            "event {:?} is larger than the NATS server's max_payload",
-                            event.id
-                        )));
-                    }
-                    // Unknown outcomes, and the same id racing in from elsewhere
-                    // (refused without the original sequence): ask again.
-                    _ => e.to_string(),
-                },
+            let unknown = match self.send(event).await.await {
+                Outcome::Stored(appended) => return Ok(appended),
+                Outcome::Unknown(why) => why,
             };
             if Instant::now() + backoff > deadline {
                 return Err(StoreError::Unavailable(format!(
@@ -533,6 +538,37 @@ fn schema_key(event_type: &str, version: &semver::Version) -> String {
         "{event_type}.{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(version.to_string())
     )
+}
+
+/// A publish in flight.
+pub(crate) type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
+/// What became of one publish.
+pub(crate) enum Outcome {
+    /// Stored now, or found stored before (a duplicate, with its original sequence).
+    Stored(Appended),
+    /// Not answered, or answered in a way that does not say: send it again.
+    Unknown(String),
+}
+
+fn outcome(
+    answer: std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+) -> Outcome {
+    match answer {
+        Ok(ack) => Outcome::Stored(Appended {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        }),
+        Err(e) => match (e.kind(), original_sequence(&e)) {
+            (PublishErrorKind::WrongLastSequence, Some(sequence)) => Outcome::Stored(Appended {
+                sequence,
+                duplicate: true,
+            }),
+            // Unknown outcomes, and the same id racing in from elsewhere (refused
+            // without the original sequence): ask again.
+            _ => Outcome::Unknown(e.to_string()),
+        },
+    }
 }
 
 /// The original sequence in a refusal for a subject that already has a message:

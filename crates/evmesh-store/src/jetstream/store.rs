@@ -1,12 +1,13 @@
 //! The JetStream [`Store`]: the log, the groups and the schema records of one
 //! cluster, behind the same trait as the embedded log.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use evmesh_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{JetStreamConfig, JetStreamGroups, JetStreamLog};
+use super::{JetStreamConfig, JetStreamGroups, JetStreamLog, Outcome, Pending};
 use crate::dispatch::{Command, GroupCatalog, GroupRegistry};
 use crate::{
     AppendTicket, Appended, DeadLetter, GroupInfo, Result, SchemaRecord, StartPosition, Store,
@@ -33,7 +34,7 @@ impl JetStreamStore {
         let log = JetStreamLog::connect(config).await?;
         let groups = JetStreamGroups::open(log.clone(), config.replicas).await?;
         let (publisher, queue) = mpsc::channel(QUEUED_BATCHES);
-        tokio::spawn(publish(log.clone(), queue));
+        tokio::spawn(publish(log.clone(), queue, config.publish_window));
         Ok(Self {
             registry: GroupRegistry::new(groups.clone()),
             log,
@@ -48,11 +49,127 @@ impl JetStreamStore {
     }
 }
 
-/// Publishes queued batches one after another, each event in order, so that events
-/// queued by one caller get increasing sequences in the order they were queued.
-async fn publish(log: JetStreamLog, mut queue: mpsc::Receiver<Queued>) {
-    while let Some((events, reply)) = queue.recv().await {
-        let _ = reply.send(log.append(events).await);
+/// Publishes queued batches, keeping up to `window` publishes in flight (JetStream
+/// stores the publishes of one connection in the order they were sent), and
+/// answers each batch once all of its events are answered, in queue order.
+///
+/// While every publish is answered, events get increasing sequences in the order
+/// they were queued. At the first unknown outcome the pipeline stops: the rest of
+/// the window is awaited, then every event whose outcome is unknown is sent again
+/// in order, one at a time, until answered, before pipelining resumes. An event
+/// that was lost while a later one in the window was stored then lands after it:
+/// the one exception to order, stated in the README's guarantee table.
+async fn publish(log: JetStreamLog, mut queue: mpsc::Receiver<Queued>, window: usize) {
+    let mut open: VecDeque<Open> = VecDeque::new();
+    let mut unsent: VecDeque<Event> = VecDeque::new();
+    let mut in_flight: VecDeque<(Event, Pending)> = VecDeque::new();
+    let mut closed = false;
+    loop {
+        while in_flight.len() < window {
+            let Some(event) = unsent.pop_front() else {
+                break;
+            };
+            let pending = log.send(&event).await;
+            in_flight.push_back((event, pending));
+        }
+        let room = !closed && unsent.is_empty() && in_flight.len() < window;
+        let Some((_, front)) = in_flight.front_mut() else {
+            if closed {
+                return;
+            }
+            match queue.recv().await {
+                Some(batch) => accept(&log, batch, &mut open, &mut unsent),
+                None => closed = true,
+            }
+            continue;
+        };
+        tokio::select! {
+            biased;
+            outcome = front => {
+                let Some((event, _)) = in_flight.pop_front() else {
+                    continue;
+                };
+                match outcome {
+                    Outcome::Stored(appended) => settle(&mut open, Ok(appended)),
+                    Outcome::Unknown(why) => {
+                        tracing::debug!(event_id = %event.id, error = %why, "publish outcome unknown; resending in order");
+                        let mut window = vec![(event, None)];
+                        for (event, pending) in in_flight.drain(..) {
+                            let known = match pending.await {
+                                Outcome::Stored(appended) => Some(appended),
+                                Outcome::Unknown(_) => None,
+                            };
+                            window.push((event, known));
+                        }
+                        for (event, known) in window {
+                            let answer = match known {
+                                Some(appended) => Ok(appended),
+                                None => log.publish_until_answered(&event).await,
+                            };
+                            settle(&mut open, answer);
+                        }
+                    }
+                }
+            }
+            batch = queue.recv(), if room => {
+                match batch {
+                    Some(batch) => accept(&log, batch, &mut open, &mut unsent),
+                    None => closed = true,
+                }
+            }
+        }
+    }
+}
+
+/// A batch whose events are being published.
+struct Open {
+    remaining: usize,
+    answers: Result<Vec<Appended>>,
+    reply: oneshot::Sender<Result<Vec<Appended>>>,
+}
+
+/// Takes a queued batch in: refused whole when the server cannot take one of its
+/// events, else queued to send.
+fn accept(
+    log: &JetStreamLog,
+    (events, reply): Queued,
+    open: &mut VecDeque<Open>,
+    unsent: &mut VecDeque<Event>,
+) {
+    if let Err(e) = log.check_sizes(&events) {
+        let _ = reply.send(Err(e));
+        return;
+    }
+    if events.is_empty() {
+        let _ = reply.send(Ok(Vec::new()));
+        return;
+    }
+    open.push_back(Open {
+        remaining: events.len(),
+        answers: Ok(Vec::with_capacity(events.len())),
+        reply,
+    });
+    unsent.extend(events);
+}
+
+/// Records the answer of the oldest unanswered event, and answers its batch when
+/// it was the batch's last. A batch with an event that could not be stored fails
+/// whole (its other events may be stored: the error says to publish it again).
+fn settle(open: &mut VecDeque<Open>, answer: Result<Appended>) {
+    // Every event in flight belongs to an open batch.
+    let Some(batch) = open.front_mut() else {
+        return;
+    };
+    match (&mut batch.answers, answer) {
+        (Ok(answers), Ok(appended)) => answers.push(appended),
+        (Ok(_), Err(e)) => batch.answers = Err(e),
+        (Err(_), _) => {}
+    }
+    batch.remaining -= 1;
+    if batch.remaining == 0
+        && let Some(batch) = open.pop_front()
+    {
+        let _ = batch.reply.send(batch.answers);
     }
 }
 
