@@ -70,6 +70,25 @@ pub enum NodeError {
     Store(#[from] evmesh_store::StoreError),
 }
 
+/// Reports the node SERVING while its store can take publishes and NOT_SERVING
+/// while it cannot (the JetStream backend's connection lost), for the whole server
+/// (`""`) and each service.
+async fn set_health<S: Store>(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic::server::NamedService;
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for service in [
+        "",
+        MeshServer::<mesh::MeshService<S>>::NAME,
+        SchemaRegistryServer::<registry::RegistryService<S>>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
+
 /// Serves the node on `listener` until `shutdown` resolves. Then it stops accepting,
 /// ends subscriptions, answers the publishes in flight, and stops the store.
 pub async fn serve<S: Store>(
@@ -114,12 +133,15 @@ pub async fn serve<S: Store>(
     .max_encoding_message_size(registry_limit);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<MeshServer<mesh::MeshService<S>>>()
-        .await;
-    health
-        .set_serving::<SchemaRegistryServer<registry::RegistryService<S>>>()
-        .await;
+    let mut serving = store.serving();
+    let up = *serving.borrow_and_update();
+    set_health::<S>(&health, up).await;
+    tokio::spawn(async move {
+        while serving.changed().await.is_ok() {
+            let up = *serving.borrow_and_update();
+            set_health::<S>(&health, up).await;
+        }
+    });
     let reflection_v1 = reflection::v1::server(catalogs.clone());
     let reflection_v1alpha = reflection::v1alpha::server(catalogs);
 

@@ -249,6 +249,13 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Finishes what is in flight, persists group state and stops.
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// True while the store can take publishes, changing as its backend goes and
+    /// comes back; the node reports it through `grpc.health.v1`. The embedded log
+    /// is always there.
+    fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(true).1
+    }
 }
 
 /// The outcome of queued events, once they are committed.

@@ -35,6 +35,8 @@ pub const SCHEMAS_BUCKET: &str = "EVMESH_SCHEMAS";
 /// The oldest server with what the backend needs (consumer reset, pinned clients,
 /// batch direct get, multi-filter consumers).
 pub const MIN_SERVER: semver::Version = semver::Version::new(2, 14, 0);
+/// How long a publish waits for JetStream's answer before its outcome is unknown.
+const PUBLISH_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// The header carrying an event's schema version, for a group's version
 /// requirements, which the server cannot filter on.
 const SCHEMA_VERSION_HEADER: &str = "Evmesh-Schema-Version";
@@ -95,6 +97,7 @@ pub struct JetStreamLog {
     publish_retry_for: Duration,
     head: Arc<watch::Sender<u64>>,
     _head_watch: Arc<AbortOnDrop>,
+    connected: watch::Receiver<bool>,
 }
 
 /// Ends a task when the last handle on it goes.
@@ -115,9 +118,29 @@ impl JetStreamLog {
     /// missing, or checks what exists: a stream whose configuration conflicts with
     /// what evmesh needs is refused, named, rather than changed.
     pub async fn connect(config: &JetStreamConfig) -> Result<Self> {
+        // The connection's state, as the client reports it; the node's health
+        // follows it.
+        let (connection, connected) = watch::channel(true);
+        let connection = Arc::new(connection);
         let mut options = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
-            .name("evmesh");
+            .name("evmesh")
+            .event_callback(move |event| {
+                let connection = connection.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("NATS connection restored");
+                            connection.send_replace(true);
+                        }
+                        async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                            tracing::warn!("NATS connection lost; reconnecting");
+                            connection.send_replace(false);
+                        }
+                        other => tracing::debug!(event = %other, "NATS"),
+                    }
+                }
+            });
         options = match &config.credentials {
             Credentials::None => options,
             Credentials::UserPassword { user, password } => {
@@ -176,6 +199,7 @@ impl JetStreamLog {
             publish_retry_for: config.publish_retry_for,
             head,
             _head_watch: Arc::new(AbortOnDrop(head_watch)),
+            connected,
         })
     }
 
@@ -189,9 +213,25 @@ impl JetStreamLog {
         self.check_sizes(&events)?;
         let mut acks = Vec::with_capacity(events.len());
         for event in &events {
-            acks.push(self.publish_until_answered(event).await?);
+            let deadline = Instant::now() + self.publish_retry_for;
+            acks.push(self.publish_until_answered(event, deadline).await?);
         }
         Ok(acks)
+    }
+
+    /// How long a publish whose outcome is unknown is sent again.
+    pub(crate) fn publish_retry_for(&self) -> Duration {
+        self.publish_retry_for
+    }
+
+    /// True while the client is connected to the cluster; changes as the
+    /// connection goes and comes back.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        *self.connected.borrow()
     }
 
     /// Refuses a batch holding an event larger than the server takes, before any
@@ -216,9 +256,20 @@ impl JetStreamLog {
             .expected_last_subject_sequence(0)
             .header(SCHEMA_VERSION_HEADER, event.schema_version.as_str());
         let log = self.clone();
+        // The answer is awaited from when the publish was sent, not from when the
+        // pipeline gets to it (async-nats starts its timeout at the first poll).
+        let answer_by = tokio::time::Instant::now() + PUBLISH_ANSWER_WAIT;
         match self.js.send_publish(event_subject(event), publish).await {
             Ok(ack) => Box::pin(async move {
-                let outcome = outcome(ack.await);
+                let answer =
+                    tokio::time::timeout_at(answer_by, std::future::IntoFuture::into_future(ack))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(jetstream::context::PublishError::new(
+                                PublishErrorKind::TimedOut,
+                            ))
+                        });
+                let outcome = outcome(answer);
                 if let Outcome::Stored(appended) = &outcome {
                     log.advance_head(appended.sequence);
                 }
@@ -228,10 +279,13 @@ impl JetStreamLog {
         }
     }
 
-    /// Publishes one event, sending it again while its outcome is unknown, for up
-    /// to the configured time; then UNAVAILABLE.
-    pub(crate) async fn publish_until_answered(&self, event: &Event) -> Result<Appended> {
-        let deadline = Instant::now() + self.publish_retry_for;
+    /// Publishes one event, sending it again while its outcome is unknown, until
+    /// `deadline`; then UNAVAILABLE.
+    pub(crate) async fn publish_until_answered(
+        &self,
+        event: &Event,
+        deadline: Instant,
+    ) -> Result<Appended> {
         let mut backoff = Duration::from_millis(10);
         loop {
             let unknown = match self.send(event).await.await {

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use evmesh_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
@@ -93,6 +94,9 @@ async fn publish(log: JetStreamLog, mut queue: mpsc::Receiver<Queued>, window: u
                     Outcome::Stored(appended) => settle(&mut open, Ok(appended)),
                     Outcome::Unknown(why) => {
                         tracing::debug!(event_id = %event.id, error = %why, "publish outcome unknown; resending in order");
+                        // One deadline for the whole window: when the cluster is
+                        // gone, the window fails in one retry period, not one each.
+                        let deadline = Instant::now() + log.publish_retry_for();
                         let mut window = vec![(event, None)];
                         for (event, pending) in in_flight.drain(..) {
                             let known = match pending.await {
@@ -104,7 +108,7 @@ async fn publish(log: JetStreamLog, mut queue: mpsc::Receiver<Queued>, window: u
                         for (event, known) in window {
                             let answer = match known {
                                 Some(appended) => Ok(appended),
-                                None => log.publish_until_answered(&event).await,
+                                None => log.publish_until_answered(&event, deadline).await,
                             };
                             settle(&mut open, answer);
                         }
@@ -138,6 +142,14 @@ fn accept(
 ) {
     if let Err(e) = log.check_sizes(&events) {
         let _ = reply.send(Err(e));
+        return;
+    }
+    // The client would hold them until it reconnects: say so now instead, and
+    // store nothing the caller was told failed.
+    if !log.is_connected() {
+        let _ = reply.send(Err(StoreError::Unavailable(
+            "the node has lost its connection to NATS; it reconnects by itself: publish again shortly".into(),
+        )));
         return;
     }
     if events.is_empty() {
@@ -239,6 +251,10 @@ impl Store for JetStreamStore {
 
     async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
         self.log.schemas().await
+    }
+
+    fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.log.connected()
     }
 
     async fn shutdown(&self) -> Result<()> {
