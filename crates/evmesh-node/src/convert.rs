@@ -19,6 +19,7 @@ pub(crate) fn status(error: StoreError) -> Status {
         StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),
         StoreError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
         StoreError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+        StoreError::Stale(_) => Status::aborted(error.to_string()),
         StoreError::ShuttingDown | StoreError::CommitFailed(_) | StoreError::Unavailable(_) => {
             Status::unavailable(error.to_string())
         }

@@ -294,6 +294,110 @@ impl<S: Store> RegistryService<S> {
     }
 }
 
+/// Times a registration is decided again because another one of its type came
+/// first, before it is refused with ABORTED.
+const STALE_ATTEMPTS: u32 = 8;
+
+impl<S: Store> RegistryService<S> {
+    /// The answer to a registration that stores nothing.
+    fn answer(
+        &self,
+        c: &Candidate,
+        decision: &Decision,
+    ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
+        match decision.outcome {
+            Outcome::Existing => {
+                let catalog = self.catalogs.load();
+                let (version, entry) = catalog
+                    .resolve(&c.event_type, Some(&decision.version))
+                    .ok_or_else(|| Status::internal("a registered version vanished"))?;
+                Ok(Response::new(pb::RegisterSchemaResponse {
+                    schema: Some(schema_message(&c.event_type, version, entry, true)),
+                    created: false,
+                    changes: Vec::new(),
+                    omitted_changes: 0,
+                }))
+            }
+            Outcome::Conflict => Err(Status::already_exists(format!(
+                "version {} of {} is registered with other content; the smallest valid version for this content is {}",
+                decision.version, c.event_type, decision.suggested
+            ))),
+            Outcome::Rejected | Outcome::Accepted => Err(Status::failed_precondition(explain(
+                &c.event_type,
+                decision,
+            ))),
+        }
+    }
+
+    /// Installs a stored version in the catalog and answers its registration.
+    async fn install(
+        &self,
+        c: Candidate,
+        decision: &Decision,
+        registered_at: SystemTime,
+    ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
+        let event_type = c.event_type;
+        let entry = Entry::compiled(c.schema, registered_at);
+        let schema = schema_message(&event_type, &decision.version, &entry, true);
+        let catalogs = self.catalogs.clone();
+        let (installed, version) = (event_type.clone(), decision.version.clone());
+        off_runtime(move || {
+            catalogs.replace(catalogs.with(&installed, version, entry));
+            Ok(())
+        })
+        .await?;
+        tracing::info!(event_type = %event_type, version = %decision.version, "schema registered");
+        Ok(Response::new(pb::RegisterSchemaResponse {
+            schema: Some(schema),
+            created: true,
+            changes: changes(decision),
+            omitted_changes: omitted(decision),
+        }))
+    }
+
+    /// Reads a type's versions from the store again and installs those the catalog
+    /// lacks (registered by another node): older ones as stored bytes, a new latest
+    /// compiled.
+    async fn refresh(&self, event_type: &str) -> Result<(), Status> {
+        let records = self.store.schemas_of(event_type).await.map_err(status)?;
+        let catalogs = self.catalogs.clone();
+        let event_type = event_type.to_owned();
+        off_runtime(move || {
+            let held = catalogs.load();
+            let known = held.types.get(&event_type);
+            let latest = records
+                .iter()
+                .map(|r| &r.version)
+                .chain(known.into_iter().flat_map(|v| v.keys()))
+                .max()
+                .cloned();
+            let mut missing: Vec<SchemaRecord> = records
+                .into_iter()
+                .filter(|r| known.is_none_or(|v| !v.contains_key(&r.version)))
+                .collect();
+            missing.sort_by(|a, b| a.version.cmp(&b.version));
+            for record in missing {
+                let mut entry = Entry::stored(
+                    record.message_name,
+                    record.descriptor_set,
+                    record.registered_at,
+                );
+                if Some(&record.version) == latest.as_ref() {
+                    entry = entry.promoted().map_err(|e| {
+                        Status::internal(format!(
+                            "version {} of {event_type}, registered on another node, does not compile here: {e}",
+                            record.version
+                        ))
+                    })?;
+                }
+                catalogs.replace(catalogs.with(&event_type, record.version, entry));
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
 fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Decision {
     let catalog = catalogs.load();
     let existing: Vec<Registered<'_>> = catalog
@@ -320,68 +424,45 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
     ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
         let request = request.into_inner();
         let _writing = self.writing.lock().await;
-        let (c, decision) = self.judge(request).await?;
-        match decision.outcome {
-            Outcome::Existing => {
-                let catalog = self.catalogs.load();
-                let (version, entry) = catalog
-                    .resolve(&c.event_type, Some(&decision.version))
-                    .ok_or_else(|| Status::internal("a registered version vanished"))?;
-                Ok(Response::new(pb::RegisterSchemaResponse {
-                    schema: Some(schema_message(&c.event_type, version, entry, true)),
-                    created: false,
-                    changes: Vec::new(),
-                    omitted_changes: 0,
-                }))
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (c, decision) = self.judge(request.clone()).await?;
+            if !matches!(decision.outcome, Outcome::Accepted) {
+                return self.answer(&c, &decision);
             }
-            Outcome::Conflict => Err(Status::already_exists(format!(
-                "version {} of {} is registered with other content; the smallest valid version for this content is {}",
-                decision.version, c.event_type, decision.suggested
-            ))),
-            Outcome::Rejected => Err(Status::failed_precondition(explain(
-                &c.event_type,
-                &decision,
-            ))),
-            Outcome::Accepted => {
-                let held = self
-                    .catalogs
-                    .load()
-                    .types
-                    .get(&c.event_type)
-                    .map_or(0, BTreeMap::len);
-                if held >= self.limits.max_versions {
-                    return Err(Status::resource_exhausted(format!(
-                        "type {} has {held} versions, at most {} allowed (--max-schema-versions)",
-                        c.event_type, self.limits.max_versions
-                    )));
+            let known: Vec<Version> = self
+                .catalogs
+                .load()
+                .types
+                .get(&c.event_type)
+                .map(|versions| versions.keys().cloned().collect())
+                .unwrap_or_default();
+            if known.len() >= self.limits.max_versions {
+                return Err(Status::resource_exhausted(format!(
+                    "type {} has {} versions, at most {} allowed (--max-schema-versions)",
+                    c.event_type,
+                    known.len(),
+                    self.limits.max_versions
+                )));
+            }
+            let record = SchemaRecord {
+                event_type: c.event_type.clone(),
+                version: decision.version.clone(),
+                message_name: c.schema.message_name().to_owned(),
+                descriptor_set: c.schema.encoded().to_vec(),
+                registered_at: SystemTime::now(),
+            };
+            let registered_at = record.registered_at;
+            match self.store.put_schema(record, &known).await {
+                Ok(()) => return self.install(c, &decision, registered_at).await,
+                // Another registration of the type (on another node) came first:
+                // decide again, against its version too.
+                Err(evmesh_store::StoreError::Stale(why)) if attempt < STALE_ATTEMPTS => {
+                    tracing::debug!(event_type = %c.event_type, %why, "deciding a registration again");
+                    self.refresh(&c.event_type).await?;
                 }
-                let registered_at = SystemTime::now();
-                self.store
-                    .put_schema(SchemaRecord {
-                        event_type: c.event_type.clone(),
-                        version: decision.version.clone(),
-                        message_name: c.schema.message_name().to_owned(),
-                        descriptor_set: c.schema.encoded().to_vec(),
-                        registered_at,
-                    })
-                    .await
-                    .map_err(status)?;
-                let entry = Entry::compiled(c.schema, registered_at);
-                let schema = schema_message(&c.event_type, &decision.version, &entry, true);
-                let catalogs = self.catalogs.clone();
-                let (event_type, version) = (c.event_type.clone(), decision.version.clone());
-                off_runtime(move || {
-                    catalogs.replace(catalogs.with(&event_type, version, entry));
-                    Ok(())
-                })
-                .await?;
-                tracing::info!(event_type = %c.event_type, version = %decision.version, "schema registered");
-                Ok(Response::new(pb::RegisterSchemaResponse {
-                    schema: Some(schema),
-                    created: true,
-                    changes: changes(&decision),
-                    omitted_changes: omitted(&decision),
-                }))
+                Err(e) => return Err(status(e)),
             }
         }
     }

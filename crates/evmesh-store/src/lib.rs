@@ -148,6 +148,9 @@ pub enum StoreError {
     FailedPrecondition(String),
     #[error("commit failed: {0}")]
     CommitFailed(String),
+    /// What a conditional write was based on has changed meanwhile.
+    #[error("{0}")]
+    Stale(String),
     #[error("store is shutting down")]
     ShuttingDown,
     /// The storage backend is not answering (a server unreachable, a leader being
@@ -241,11 +244,25 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Deletes dead letters (all when `sequences` is empty).
     fn purge(&self, group: &str, sequences: &[u64]) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Stores a schema version durably; AlreadyExists when that version is taken.
-    fn put_schema(&self, record: SchemaRecord) -> impl Future<Output = Result<()>> + Send;
+    /// Stores a new version of a type durably, if the type's stored versions are
+    /// still exactly `known` (what the registry decided against): registrations of
+    /// one type are serialised, also across nodes. [`StoreError::Stale`] when
+    /// another registration of the type came first (read its versions again and
+    /// decide again); AlreadyExists when that version is taken.
+    fn put_schema(
+        &self,
+        record: SchemaRecord,
+        known: &[semver::Version],
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Every stored schema version, in no particular order.
     fn schemas(&self) -> impl Future<Output = Result<Vec<SchemaRecord>>> + Send;
+
+    /// The stored versions of one type, in no particular order.
+    fn schemas_of(
+        &self,
+        event_type: &str,
+    ) -> impl Future<Output = Result<Vec<SchemaRecord>>> + Send;
 
     /// Finishes what is in flight, persists group state and stops.
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send;

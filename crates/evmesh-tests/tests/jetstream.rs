@@ -164,12 +164,20 @@ async fn schema_records_are_kept_once_per_version() {
         descriptor_set: bytes.to_vec(),
         registered_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
     };
-    log.put_schema(record("1.0.0", b"one")).await.unwrap();
-    log.put_schema(record("1.1.0+build.7", b"two"))
+    let v = |s: &str| semver::Version::parse(s).unwrap();
+    log.put_schema(record("1.0.0", b"one"), &[]).await.unwrap();
+    // Decided against versions that are no longer all there are: stale.
+    let stale = log
+        .put_schema(record("1.2.0", b"three"), &[])
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(stale, StoreError::Stale(_)), "{stale}");
+    log.put_schema(record("1.1.0+build.7", b"two"), &[v("1.0.0")])
         .await
         .unwrap();
     let taken = log
-        .put_schema(record("1.0.0", b"other"))
+        .put_schema(record("1.0.0", b"other"), &[v("1.1.0+build.7"), v("1.0.0")])
         .await
         .err()
         .unwrap();
@@ -217,4 +225,105 @@ async fn another_node_follows_the_head_and_reads_the_log() {
     // A new node starts from the stream's head.
     let c = JetStreamLog::connect(&config(&server)).await.unwrap();
     assert_eq!(c.head(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_registrations_of_one_version_at_once_store_one() {
+    let server = NatsServer::start().await;
+    let (a, b) = (
+        JetStreamLog::connect(&config(&server)).await.unwrap(),
+        JetStreamLog::connect(&config(&server)).await.unwrap(),
+    );
+    for round in 0..20 {
+        let record = |bytes: &[u8]| SchemaRecord {
+            event_type: format!("shop.race{round}.placed"),
+            version: semver::Version::new(1, 0, 0),
+            message_name: "shop.v1.OrderPlaced".into(),
+            descriptor_set: bytes.to_vec(),
+            registered_at: SystemTime::now(),
+        };
+        let (first, second) = tokio::join!(
+            a.put_schema(record(b"from a"), &[]),
+            b.put_schema(record(b"from b"), &[])
+        );
+        let won: Vec<&[u8]> = [(&first, b"from a"), (&second, b"from b")]
+            .into_iter()
+            .filter(|(r, _)| r.is_ok())
+            .map(|(_, bytes)| bytes.as_slice())
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {first:?} {second:?}");
+        for lost in [first, second].into_iter().filter_map(Result::err) {
+            assert!(
+                matches!(lost, StoreError::AlreadyExists(_) | StoreError::Stale(_)),
+                "{lost}"
+            );
+        }
+        let stored = b
+            .schemas_of(&format!("shop.race{round}.placed"))
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].descriptor_set, won[0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_registering_one_type_at_once_are_judged_against_each_other() {
+    let server = NatsServer::start().await;
+    let a = TestNode::on_jetstream(config(&server)).await;
+    let b = TestNode::on_jetstream(config(&server)).await;
+    let message = "shop.v1.OrderPlaced";
+    for round in 0..8 {
+        let ty = format!("shop.race{round}.placed");
+        register(&a, &ty, "1.0.0", message, order_schema("string id = 1;"))
+            .await
+            .unwrap();
+        // Two additions, each compatible with 1.0.0, that clash with each other.
+        let (note, count) = tokio::join!(
+            register(
+                &a,
+                &ty,
+                "1.1.0",
+                message,
+                order_schema("string id = 1; string note = 2;")
+            ),
+            register(
+                &b,
+                &ty,
+                "1.2.0",
+                message,
+                order_schema("string id = 1; int64 count = 2;")
+            )
+        );
+        let created: Vec<String> = [&note, &count]
+            .into_iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.schema.as_ref().unwrap().version.clone())
+            .collect();
+        assert_eq!(created.len(), 1, "round {round}: {note:?} {count:?}");
+        let refused = [note, count].into_iter().find_map(Result::err).unwrap();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        // Both nodes hold the winner, and only it, beside 1.0.0.
+        let winner = &created[0];
+        for node in [&a, &b] {
+            let again = register(
+                node,
+                &ty,
+                winner,
+                message,
+                if winner == "1.1.0" {
+                    order_schema("string id = 1; string note = 2;")
+                } else {
+                    order_schema("string id = 1; int64 count = 2;")
+                },
+            )
+            .await
+            .unwrap();
+            assert!(!again.created, "{winner} registered once");
+        }
+    }
 }

@@ -437,70 +437,188 @@ impl JetStreamLog {
         Ok(events)
     }
 
-    /// Stores a schema version; AlreadyExists when that version is taken.
-    pub async fn put_schema(&self, record: SchemaRecord) -> Result<()> {
-        let key = schema_key(&record.event_type, &record.version);
-        let value = evmesh_proto::v1::Schema {
-            r#type: record.event_type.clone(),
-            version: record.version.to_string(),
-            message_name: record.message_name,
-            descriptor_set: record.descriptor_set,
-            registered_at: Some(record.registered_at.into()),
-        };
-        match self
+    /// Stores a new version of a type if the type's versions are still exactly
+    /// `known`. A type's versions are listed by its head key (`head.<type>`); each
+    /// version's record is a key of its own (`version.<type>.<version>`), written
+    /// create-only before the head is updated with compare-and-set on the revision
+    /// read: of two registrations of one type at once, on any nodes, one updates
+    /// the head and the other is [`StoreError::Stale`], decides again against the
+    /// winner's version, and tries again. A version record no head lists (the
+    /// registration that wrote it lost, or stopped before the head) is never read;
+    /// its version stays taken for other content.
+    pub async fn put_schema(&self, record: SchemaRecord, known: &[semver::Version]) -> Result<()> {
+        let head_key = head_key(&record.event_type);
+        let head = self
             .schemas
-            .create(&key, Bytes::from(value.encode_to_vec()))
+            .entry(&head_key)
             .await
-        {
-            Ok(_) => Ok(()),
+            .map_err(|e| unavailable("reading a schema head", e))?
+            .filter(|e| e.operation == kv::Operation::Put);
+        let listed = match &head {
+            Some(entry) => parse_head(&entry.value)?,
+            None => Vec::new(),
+        };
+        let stale = || {
+            StoreError::Stale(format!(
+                "another registration of {} came first",
+                record.event_type
+            ))
+        };
+        if !same_versions(&listed, known) {
+            return Err(stale());
+        }
+        let key = version_key(&record.event_type, &record.version);
+        let value = Bytes::from(schema_message(&record).encode_to_vec());
+        match self.schemas.create(&key, value).await {
+            Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                Err(StoreError::AlreadyExists(format!(
-                    "version {} of {}",
-                    record.version, record.event_type
-                )))
+                // Ours from an earlier try, or the same content from elsewhere:
+                // the head decides. Other content: the version is taken.
+                let theirs = self.schema_at(&key).await?;
+                if theirs.as_ref().is_none_or(|t| {
+                    t.message_name != record.message_name
+                        || t.descriptor_set != record.descriptor_set
+                }) {
+                    return Err(StoreError::AlreadyExists(format!(
+                        "version {} of {}",
+                        record.version, record.event_type
+                    )));
+                }
             }
-            Err(e) => Err(unavailable("storing a schema", e)),
+            Err(e) => return Err(unavailable("storing a schema", e)),
+        }
+        let mut versions = listed;
+        versions.push(record.version.clone());
+        let text: Vec<String> = versions.iter().map(ToString::to_string).collect();
+        let value = Bytes::from(text.join("\n"));
+        let updated = match &head {
+            Some(entry) => self
+                .schemas
+                .update(&head_key, value, entry.revision)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+            None => self
+                .schemas
+                .create(&head_key, value)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+        };
+        match updated {
+            Ok(()) => Ok(()),
+            Err((true, _)) => Err(stale()),
+            Err((false, e)) => Err(unavailable("storing a schema head", e)),
         }
     }
 
-    /// Every stored schema version.
+    /// Every stored schema version: those the types' heads list.
     pub async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
-        let keys = keys(&self.schemas, "listing schemas").await?;
-        let mut records = Vec::with_capacity(keys.len());
-        for key in keys {
-            let Some(bytes) = self
-                .schemas
-                .get(&key)
-                .await
-                .map_err(|e| unavailable("reading a schema", e))?
-            else {
-                continue;
-            };
-            let schema = evmesh_proto::v1::Schema::decode(bytes.as_ref()).map_err(|e| {
-                StoreError::Backend(format!("schema record {key:?} does not decode: {e}").into())
-            })?;
-            let version = semver::Version::parse(&schema.version).map_err(|e| {
-                StoreError::Backend(
-                    format!(
-                        "schema record {key:?} has version {:?}: {e}",
-                        schema.version
-                    )
-                    .into(),
-                )
-            })?;
-            records.push(SchemaRecord {
-                event_type: schema.r#type,
-                version,
-                message_name: schema.message_name,
-                descriptor_set: schema.descriptor_set,
-                registered_at: schema
-                    .registered_at
-                    .and_then(|t| SystemTime::try_from(t).ok())
-                    .unwrap_or(SystemTime::UNIX_EPOCH),
-            });
+        let mut records = Vec::new();
+        for key in keys(&self.schemas, "listing schemas").await? {
+            if let Some(event_type) = key.strip_prefix("head.") {
+                records.extend(self.schemas_of(event_type).await?);
+            }
         }
         Ok(records)
     }
+
+    /// The stored versions of one type.
+    pub async fn schemas_of(&self, event_type: &str) -> Result<Vec<SchemaRecord>> {
+        let Some(head) = self
+            .schemas
+            .get(head_key(event_type))
+            .await
+            .map_err(|e| unavailable("reading a schema head", e))?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::new();
+        for version in parse_head(&head)? {
+            match self.schema_at(&version_key(event_type, &version)).await? {
+                Some(record) => records.push(record),
+                None => {
+                    tracing::error!(event_type, %version, "a schema head lists a version with no record")
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    async fn schema_at(&self, key: &str) -> Result<Option<SchemaRecord>> {
+        let Some(bytes) = self
+            .schemas
+            .get(key)
+            .await
+            .map_err(|e| unavailable("reading a schema", e))?
+        else {
+            return Ok(None);
+        };
+        let schema = evmesh_proto::v1::Schema::decode(bytes.as_ref()).map_err(|e| {
+            StoreError::Backend(format!("schema record {key:?} does not decode: {e}").into())
+        })?;
+        let version = semver::Version::parse(&schema.version).map_err(|e| {
+            StoreError::Backend(
+                format!(
+                    "schema record {key:?} has version {:?}: {e}",
+                    schema.version
+                )
+                .into(),
+            )
+        })?;
+        Ok(Some(SchemaRecord {
+            event_type: schema.r#type,
+            version,
+            message_name: schema.message_name,
+            descriptor_set: schema.descriptor_set,
+            registered_at: schema
+                .registered_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        }))
+    }
+}
+
+fn schema_message(record: &SchemaRecord) -> evmesh_proto::v1::Schema {
+    evmesh_proto::v1::Schema {
+        r#type: record.event_type.clone(),
+        version: record.version.to_string(),
+        message_name: record.message_name.clone(),
+        descriptor_set: record.descriptor_set.clone(),
+        registered_at: Some(record.registered_at.into()),
+    }
+}
+
+/// The versions a type's head lists, one a line.
+fn parse_head(value: &[u8]) -> Result<Vec<semver::Version>> {
+    let text = std::str::from_utf8(value)
+        .map_err(|e| StoreError::Backend(format!("a schema head is not text: {e}").into()))?;
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            semver::Version::parse(l)
+                .map_err(|e| StoreError::Backend(format!("a schema head lists {l:?}: {e}").into()))
+        })
+        .collect()
+}
+
+/// Whether `listed` holds exactly the versions `known` does, in any order.
+fn same_versions(listed: &[semver::Version], known: &[semver::Version]) -> bool {
+    let mut listed = listed.to_vec();
+    let mut known = known.to_vec();
+    listed.sort();
+    known.sort();
+    listed == known
 }
 
 /// Where a batch direct get starts.
@@ -584,12 +702,17 @@ async fn watch_head(
     }
 }
 
+/// The key listing a type's versions.
+fn head_key(event_type: &str) -> String {
+    format!("head.{event_type}")
+}
+
 /// A schema version's key: the type's tokens, then the version in base64url (a
 /// KV key holds no `+`).
-fn schema_key(event_type: &str, version: &semver::Version) -> String {
+fn version_key(event_type: &str, version: &semver::Version) -> String {
     use base64::Engine as _;
     format!(
-        "{event_type}.{}",
+        "version.{event_type}.{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(version.to_string())
     )
 }

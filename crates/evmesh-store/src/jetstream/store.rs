@@ -245,12 +245,16 @@ impl Store for JetStreamStore {
         self.registry.purge(group, sequences).await
     }
 
-    async fn put_schema(&self, record: SchemaRecord) -> Result<()> {
-        self.log.put_schema(record).await
+    async fn put_schema(&self, record: SchemaRecord, known: &[semver::Version]) -> Result<()> {
+        self.log.put_schema(record, known).await
     }
 
     async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
         self.log.schemas().await
+    }
+
+    async fn schemas_of(&self, event_type: &str) -> Result<Vec<SchemaRecord>> {
+        self.log.schemas_of(event_type).await
     }
 
     fn serving(&self) -> tokio::sync::watch::Receiver<bool> {

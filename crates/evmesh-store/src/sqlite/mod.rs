@@ -545,9 +545,16 @@ impl Store for SqliteStore {
         self.groups.ask(group, Command::Delete).await
     }
 
-    async fn put_schema(&self, record: SchemaRecord) -> Result<()> {
+    async fn put_schema(&self, record: SchemaRecord, known: &[semver::Version]) -> Result<()> {
         let (reply, done) = oneshot::channel();
-        self.log.write(WriteOp::PutSchema { record, reply }).await?;
+        let known = known.to_vec();
+        self.log
+            .write(WriteOp::PutSchema {
+                record,
+                known,
+                reply,
+            })
+            .await?;
         done.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
@@ -557,22 +564,17 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.log.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let version: &str = row.get(1);
-                Ok(SchemaRecord {
-                    event_type: row.get(0),
-                    version: semver::Version::parse(version).map_err(|e| {
-                        StoreError::InvalidArgument(format!(
-                            "stored schema version {version:?}: {e}"
-                        ))
-                    })?,
-                    message_name: row.get(2),
-                    descriptor_set: row.get(3),
-                    registered_at: from_unix_ms(row.get(4)),
-                })
-            })
-            .collect()
+        rows.iter().map(schema_record).collect()
+    }
+
+    async fn schemas_of(&self, event_type: &str) -> Result<Vec<SchemaRecord>> {
+        let rows = sqlx::query(
+            "SELECT event_type, version, message_name, descriptor_set, registered_at FROM schemas WHERE event_type = ?1",
+        )
+        .bind(event_type)
+        .fetch_all(&self.log.pool)
+        .await?;
+        rows.iter().map(schema_record).collect()
     }
 
     async fn shutdown(&self) -> Result<()> {
@@ -589,4 +591,17 @@ impl Store for SqliteStore {
         self.log.pool.close().await;
         Ok(())
     }
+}
+
+fn schema_record(row: &sqlx::sqlite::SqliteRow) -> Result<SchemaRecord> {
+    let version: &str = row.get(1);
+    Ok(SchemaRecord {
+        event_type: row.get(0),
+        version: semver::Version::parse(version).map_err(|e| {
+            StoreError::InvalidArgument(format!("stored schema version {version:?}: {e}"))
+        })?,
+        message_name: row.get(2),
+        descriptor_set: row.get(3),
+        registered_at: from_unix_ms(row.get(4)),
+    })
 }

@@ -55,6 +55,8 @@ pub(crate) enum WriteOp {
     },
     PutSchema {
         record: crate::SchemaRecord,
+        /// The type's versions the registry decided against.
+        known: Vec<semver::Version>,
         reply: oneshot::Sender<Result<()>>,
     },
     /// Commit what came before, then stop.
@@ -410,7 +412,29 @@ fn apply(
             }
             Outcome::Count(reply, dead as u64)
         }
-        WriteOp::PutSchema { record, reply } => {
+        WriteOp::PutSchema {
+            record,
+            known,
+            reply,
+        } => {
+            let mut stored = Vec::new();
+            {
+                let mut versions =
+                    tx.prepare_cached("SELECT version FROM schemas WHERE event_type = ?1")?;
+                let mut rows = versions.query(params![record.event_type])?;
+                while let Some(row) = rows.next()? {
+                    let version: String = row.get(0)?;
+                    stored.push(version);
+                }
+            }
+            if !same_versions(&stored, &known) {
+                // Not a failure of the batch: only this op is refused.
+                let _ = reply.send(Err(StoreError::Stale(format!(
+                    "the versions of {} changed while this registration was decided",
+                    record.event_type
+                ))));
+                return Ok(Outcome::Done(None));
+            }
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO schemas (event_type, version, message_name, descriptor_set, registered_at)
@@ -436,6 +460,15 @@ fn apply(
         }
         WriteOp::Stop { reply } => Outcome::Stop(reply),
     })
+}
+
+/// Whether the stored version strings are exactly `known`, in any order.
+fn same_versions(stored: &[String], known: &[semver::Version]) -> bool {
+    let mut known: Vec<String> = known.iter().map(ToString::to_string).collect();
+    let mut stored = stored.to_vec();
+    known.sort();
+    stored.sort();
+    known == stored
 }
 
 /// Appends each event whose id is not in the log yet; the others are acked with
