@@ -1,71 +1,73 @@
-//! The peer: NATS JetStream, driven directly with async-nats. A `nats-server -js`
-//! child with file storage; a stream of one replica; async publishes with acks,
-//! [`WINDOW`] in flight per connection, as evmesh's publishers keep.
+//! The peer: NATS JetStream, driven directly with async-nats, on the same servers
+//! and settings as a node on the JetStream backend: one server or a cluster of
+//! three, `sync_interval` as asked, a stream of as many replicas. Async publishes
+//! with acks, [`WINDOW`] in flight per connection, as evmesh's publishers keep; and
+//! publish-to-delivery latency through an ordered consumer, open loop, timed as the
+//! evmesh latency scenario times it.
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use async_nats::jetstream;
+use evmesh_testkit::{NatsCluster, Sync};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::load::WINDOW;
 
-/// A `nats-server` with JetStream over a temporary directory, stopped on drop or
-/// when this process ends.
-pub struct NatsServer {
-    addr: SocketAddr,
-    child: Child,
-    _dir: tempfile::TempDir,
+/// Where the nats-servers of a run are, and how they store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Nats {
+    pub sync: Sync,
+    /// Replicas of every stream: 1 runs one server, 3 a cluster of three.
+    pub replicas: usize,
 }
 
-impl NatsServer {
-    pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        // Fail clearly when it is not installed.
-        Command::new("nats-server")
-            .arg("--version")
-            .output()
-            .context(
-                "cannot run nats-server (Debian package nats-server; scripts/test installs it)",
-            )?;
-        // Under a shell that stops it once this process's end of its stdin closes,
-        // however this process ends.
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"nats-server "$@" & pid=$!; trap 'kill $pid; wait $pid' EXIT; cat >/dev/null"#)
-            .arg("nats-server")
-            .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
-            .arg(addr.port().to_string())
-            .arg("--store_dir")
-            .arg(dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nats-server")?;
-        let server = Self {
-            addr,
-            child,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if Instant::now() > deadline {
-                bail!("nats-server did not listen on {addr} within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(server)
+impl Nats {
+    /// Starts the servers: one, or a cluster of three.
+    pub async fn start(self) -> NatsCluster {
+        NatsCluster::start(if self.replicas > 1 { 3 } else { 1 }, self.sync).await
     }
 
+    pub fn label(self) -> String {
+        format!(
+            "R{}, sync {}",
+            self.replicas,
+            match self.sync {
+                Sync::Always => "always",
+                Sync::Default => "default",
+            }
+        )
+    }
+}
+
+/// JetStream driven directly over `cluster`.
+pub struct Direct<'a> {
+    pub cluster: &'a NatsCluster,
+    pub nats: Nats,
+}
+
+impl Direct<'_> {
     async fn context(&self) -> anyhow::Result<jetstream::Context> {
-        let client = async_nats::connect(self.addr.to_string()).await?;
+        let client = async_nats::connect(self.cluster.urls()).await?;
         Ok(jetstream::context::ContextBuilder::new()
             .max_ack_inflight(WINDOW)
             .build(client))
+    }
+
+    async fn stream(&self, name: &str, subjects: &str) -> anyhow::Result<jetstream::Context> {
+        let admin = self.context().await?;
+        let _ = admin.delete_stream(name).await;
+        admin
+            .create_stream(jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: self.nats.replicas,
+                ..Default::default()
+            })
+            .await
+            .context("creating the JetStream stream")?;
+        Ok(admin)
     }
 
     /// `streams` connections publishing `n` messages of `payload` bytes in all to
@@ -76,18 +78,8 @@ impl NatsServer {
         n: u64,
         payload: usize,
     ) -> anyhow::Result<(u64, Duration)> {
-        let admin = self.context().await?;
         let name = format!("BENCH{streams}");
-        admin
-            .create_stream(jetstream::stream::Config {
-                name: name.clone(),
-                subjects: vec![format!("bench{streams}.>")],
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: 1,
-                ..Default::default()
-            })
-            .await
-            .context("creating the JetStream stream")?;
+        let admin = self.stream(&name, &format!("bench{streams}.>")).await?;
         let mut contexts = Vec::new();
         for _ in 0..streams {
             contexts.push(self.context().await?);
@@ -107,13 +99,78 @@ impl NatsServer {
         admin.delete_stream(&name).await?;
         Ok((acked, elapsed))
     }
-}
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        // Closing its stdin ends the shell, whose exit stops nats-server.
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
+    /// Open loop at `rate` for `total` messages: each is due at base + k/rate and is
+    /// timed from then until an ordered consumer receives it. Returns the delivery
+    /// and the ack latencies, in nanoseconds.
+    pub async fn latency(
+        &self,
+        rate: u64,
+        total: u64,
+        payload: usize,
+    ) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+        use futures_util::StreamExt as _;
+        let admin = self.stream("BENCHLAT", "benchlat.>").await?;
+        let stream = admin.get_stream("BENCHLAT").await?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let base = Instant::now();
+        let receiver = tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            while (latencies.len() as u64) < total {
+                let Some(Ok(m)) = messages.next().await else {
+                    break;
+                };
+                let now = base.elapsed().as_nanos() as u64;
+                let due: u64 = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("due-ns"))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(0);
+                latencies.push(now.saturating_sub(due));
+            }
+            latencies
+        });
+        let js = self.context().await?;
+        let interval = Duration::from_nanos(1_000_000_000 / rate);
+        let (acks_tx, mut acks_rx) =
+            mpsc::channel::<(u64, jetstream::context::PublishAckFuture)>(WINDOW);
+        let acked = tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while let Some((due, ack)) = acks_rx.recv().await {
+                ack.await.context("JetStream publish ack")?;
+                latencies.push((base.elapsed().as_nanos() as u64).saturating_sub(due));
+            }
+            anyhow::Ok(latencies)
+        });
+        let body = vec![0xab_u8; payload];
+        for k in 0..total {
+            let due = interval * k as u32;
+            tokio::time::sleep_until((base + due).into()).await;
+            let due_ns = due.as_nanos() as u64;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("due-ns", due_ns.to_string().as_str());
+            let ack = js
+                .publish_with_headers("benchlat.tick", headers, body.clone().into())
+                .await
+                .context("JetStream publish")?;
+            if acks_tx.send((due_ns, ack)).await.is_err() {
+                break;
+            }
+        }
+        drop(acks_tx);
+        let acks = acked.await??;
+        let deliveries = tokio::time::timeout(Duration::from_secs(60), receiver)
+            .await
+            .context("deliveries did not all arrive")??;
+        admin.delete_stream("BENCHLAT").await?;
+        Ok((deliveries, acks))
     }
 }
 

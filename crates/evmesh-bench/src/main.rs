@@ -25,6 +25,8 @@ mod node;
 mod report;
 mod scenarios;
 
+use evmesh_store::jetstream::JetStreamConfig;
+use jetstream::Nats;
 use node::Node;
 use report::Row;
 
@@ -69,6 +71,23 @@ struct Args {
     /// Where to write every figure as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The node's storage: the embedded log, or JetStream (nats-servers of the
+    /// run's own, as --nats-sync and --nats-replicas say).
+    #[arg(long, value_enum, default_value = "embedded")]
+    backend: BackendArg,
+    /// How the nats-servers store, for the JetStream backend and the JetStream
+    /// reference: `always` fsyncs before every ack; `default` is the server's.
+    #[arg(long, value_enum, default_value = "default")]
+    nats_sync: SyncArg,
+    /// Replicas of the JetStream streams: 1 runs one nats-server, 3 a cluster of
+    /// three on loopback.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    nats_replicas: u8,
+    /// `--serve-node` over this JetStream cluster instead of its directory.
+    #[arg(long, hide = true)]
+    serve_nats: Option<String>,
+    #[arg(long, hide = true, default_value_t = 1)]
+    serve_nats_replicas: usize,
     /// Serve a node over this data directory until standard input closes (what the
     /// memory and start-up scenarios run).
     #[arg(long, hide = true, requires = "listen")]
@@ -81,6 +100,22 @@ struct Args {
     skip_integrity_check: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    Embedded,
+    Jetstream,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SyncArg {
+    Always,
+    Default,
+}
+
+/// The scenarios that run on the JetStream backend; the others measure the
+/// embedded log alone.
+const ON_JETSTREAM: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall";
+
 /// One step of the run, as the progress bar counts them.
 enum Step {
     Publish {
@@ -92,6 +127,9 @@ enum Step {
     },
     JetStream {
         streams: u64,
+    },
+    JetStreamLatency {
+        rate: u64,
     },
     Latency {
         rate: Option<u64>,
@@ -121,6 +159,7 @@ impl Step {
             ),
             Step::Ceiling { streams } => format!("ceiling, {streams} stream(s)"),
             Step::JetStream { streams } => format!("JetStream, {streams} conn(s)"),
+            Step::JetStreamLatency { rate } => format!("JetStream latency at {rate}/s"),
             Step::Latency { rate: Some(rate) } => format!("latency at {rate}/s"),
             Step::Latency { rate: None } => "latency at half the maximum".into(),
             Step::FanOut { subscribers, .. } => format!("fan-out to {subscribers}"),
@@ -131,6 +170,16 @@ impl Step {
             Step::Versions => "schema versions".into(),
             Step::Abuse => "abuse".into(),
         }
+    }
+}
+
+impl Step {
+    /// Whether the step measures the node (on the run's backend), not a reference.
+    fn on_node(&self) -> bool {
+        !matches!(
+            self,
+            Step::Ceiling { .. } | Step::JetStream { .. } | Step::JetStreamLatency { .. }
+        )
     }
 }
 
@@ -161,6 +210,7 @@ fn plan(args: &Args) -> Vec<Step> {
     }
     if run("jetstream") {
         steps.extend([1, 4, 16].map(|streams| Step::JetStream { streams }));
+        steps.push(Step::JetStreamLatency { rate: 1_000 });
     }
     if run("latency") {
         steps.push(Step::Latency { rate: Some(1_000) });
@@ -210,11 +260,21 @@ fn plan(args: &Args) -> Vec<Step> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// A fresh node (over a new temporary directory unless `--data` names one) with the
-/// bench payload's schema registered: a new group reads the log from its start, so
-/// no step should read what an earlier one left.
-async fn fresh_node(data: Option<PathBuf>) -> anyhow::Result<Node> {
-    let node = Node::start(data)?;
+/// A fresh node (over a new temporary directory unless `--data` names one, or over
+/// new nats-servers) with the bench payload's schema registered: a new group reads
+/// the log from its start, so no step should read what an earlier one left.
+async fn fresh_node(data: Option<PathBuf>, nats: Option<Nats>) -> anyhow::Result<Node> {
+    let node = match nats {
+        Some(nats) => {
+            let cluster = nats.start().await;
+            let mut config = JetStreamConfig::new(cluster.urls());
+            config.replicas = nats.replicas;
+            let mut node = Node::start(None, Some(config))?;
+            node.nats = Some(cluster);
+            node
+        }
+        None => Node::start(data, None)?,
+    };
     for ty in [
         "bench.order.placed",
         "bench.latency.tick",
@@ -237,7 +297,30 @@ fn main() -> anyhow::Result<()> {
         let listen = args
             .listen
             .ok_or_else(|| anyhow::anyhow!("--serve-node needs --listen"))?;
-        return node::serve_child(data, listen, !args.skip_integrity_check);
+        let nats = args.serve_nats.as_ref().map(|urls| {
+            let mut config = JetStreamConfig::new(urls.split(',').map(str::to_owned).collect());
+            config.replicas = args.serve_nats_replicas;
+            config
+        });
+        return node::serve_child(data, nats, listen, !args.skip_integrity_check);
+    }
+    let nats = Nats {
+        sync: match args.nats_sync {
+            SyncArg::Always => evmesh_testkit::Sync::Always,
+            SyncArg::Default => evmesh_testkit::Sync::Default,
+        },
+        replicas: usize::from(args.nats_replicas),
+    };
+    let backend = (args.backend == BackendArg::Jetstream).then_some(nats);
+    if backend.is_some()
+        && let Some(embedded_only) = args
+            .scenarios
+            .iter()
+            .find(|s| !ON_JETSTREAM.split(',').any(|a| a == s.as_str()))
+    {
+        anyhow::bail!(
+            "scenario {embedded_only:?} measures the embedded log only; with --backend jetstream choose from {ON_JETSTREAM}"
+        );
     }
     if let Some(unknown) = args
         .scenarios
@@ -286,17 +369,17 @@ fn main() -> anyhow::Result<()> {
     let rows = runtime.block_on(async {
         let mut rows: Vec<Row> = Vec::new();
         let mut ceiling_addr = None;
-        let mut nats = None;
+        let mut reference: Option<evmesh_testkit::NatsCluster> = None;
         let startup_dir = tempfile::tempdir()?;
         for step in &steps {
             progress.set_message(step.label());
             // Each step starts on a quiet disk: what earlier steps (and JetStream,
             // which flushes on its own schedule) left dirty is written back first.
             if !matches!(step, Step::JetStream { .. }) {
-                nats = None;
+                reference = None;
             }
             settle();
-            let node = || fresh_node(args.data.clone());
+            let node = || fresh_node(args.data.clone(), backend);
             let row = match *step {
                 Step::Publish { streams, validated } => {
                     scenarios::publish(&node().await?, streams, sizes.events, payload, validated)
@@ -310,11 +393,21 @@ fn main() -> anyhow::Result<()> {
                     scenarios::ceiling(addr, streams, sizes.events, payload).await?
                 }
                 Step::JetStream { streams } => {
-                    let server = match &nats {
-                        Some(server) => server,
-                        None => nats.insert(jetstream::NatsServer::start().await?),
+                    let cluster = match &reference {
+                        Some(cluster) => cluster,
+                        None => reference.insert(nats.start().await),
                     };
-                    scenarios::jetstream(server, streams, sizes.events, payload).await?
+                    let direct = jetstream::Direct { cluster, nats };
+                    scenarios::jetstream(&direct, streams, sizes.events, payload).await?
+                }
+                Step::JetStreamLatency { rate } => {
+                    let cluster = nats.start().await;
+                    let direct = jetstream::Direct {
+                        cluster: &cluster,
+                        nats,
+                    };
+                    let rate = (rate / sizes.rate_divisor).max(1);
+                    scenarios::jetstream_latency(&direct, rate, sizes.seconds, payload).await?
                 }
                 Step::Latency { rate } => {
                     // Half the maximum: half of what one stream published durably.
@@ -349,7 +442,8 @@ fn main() -> anyhow::Result<()> {
                     scenarios::consumer(&node().await?, sizes.events / 4, payload).await?
                 }
                 Step::Stall => {
-                    scenarios::stalled(sizes.stall_events, payload, sizes.stall_pairs).await?
+                    scenarios::stalled(sizes.stall_events, payload, sizes.stall_pairs, backend)
+                        .await?
                 }
                 Step::Startup { events } => {
                     scenarios::startup(startup_dir.path(), events, payload).await?
@@ -359,6 +453,13 @@ fn main() -> anyhow::Result<()> {
                     scenarios::schema_versions(sizes.schema_versions, sizes.schema_bytes).await?
                 }
                 Step::Abuse => abuse::abuse(1000 / sizes.rate_divisor, sizes.seconds).await?,
+            };
+            let row = match backend {
+                Some(nats) if step.on_node() => Row {
+                    scenario: format!("{} [JetStream backend, {}]", row.scenario, nats.label()),
+                    ..row
+                },
+                _ => row,
             };
             progress.inc(1);
             rows.push(row);

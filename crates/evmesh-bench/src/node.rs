@@ -8,22 +8,25 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use evmesh_store::jetstream::{JetStreamConfig, JetStreamStore};
 use evmesh_store::sqlite::{Config, SqliteStore};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-/// Serves a node over `data` on `listen` until standard input closes: what
-/// `evmesh serve --allow-unregistered` does, minus logging. The child half of
-/// [`NodeProcess`].
-pub fn serve_child(data: &Path, listen: SocketAddr, integrity_check: bool) -> anyhow::Result<()> {
+/// Serves a node over `data` (or the JetStream cluster `nats` names) on `listen`
+/// until standard input closes: what `evmesh serve --allow-unregistered` does, minus
+/// logging. The child half of [`NodeProcess`].
+pub fn serve_child(
+    data: &Path,
+    nats: Option<JetStreamConfig>,
+    listen: SocketAddr,
+    integrity_check: bool,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut config = Config::new(data);
-        config.integrity_check = integrity_check;
-        let store = SqliteStore::open(config).await?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let (closed, stdin_closed) = oneshot::channel::<()>();
         std::thread::spawn(move || {
@@ -34,7 +37,18 @@ pub fn serve_child(data: &Path, listen: SocketAddr, integrity_check: bool) -> an
         let stdin_closed = async move {
             let _ = stdin_closed.await;
         };
-        evmesh_node::serve(store, unvalidated(), listener, stdin_closed).await?;
+        match nats {
+            Some(nats) => {
+                let store = JetStreamStore::open(&nats).await?;
+                evmesh_node::serve(store, unvalidated(), listener, stdin_closed).await?;
+            }
+            None => {
+                let mut config = Config::new(data);
+                config.integrity_check = integrity_check;
+                let store = SqliteStore::open(config).await?;
+                evmesh_node::serve(store, unvalidated(), listener, stdin_closed).await?;
+            }
+        }
         anyhow::Ok(())
     })
 }
@@ -67,16 +81,20 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
         .await?)
 }
 
-/// A node on its own runtime in this process; dropping it stops it.
+/// A node on its own runtime in this process; dropping it stops it, then the
+/// nats-servers it ran over, if any.
 pub struct Node {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
+    pub nats: Option<evmesh_testkit::NatsCluster>,
 }
 
 impl Node {
-    pub fn start(data: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// A node over `data` (a fresh directory when `None`), or over the JetStream
+    /// cluster `nats` names.
+    pub fn start(data: Option<PathBuf>, nats: Option<JetStreamConfig>) -> anyhow::Result<Self> {
         let (dir, data) = data_dir(data)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -86,13 +104,23 @@ impl Node {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let store = SqliteStore::open(Config::new(&data)).await?;
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                let _ = ready_tx.send(listener.local_addr()?);
-                evmesh_node::serve(store, unvalidated(), listener, async move {
+                let addr = listener.local_addr()?;
+                let stopped = async move {
                     let _ = stopped.await;
-                })
-                .await?;
+                };
+                match nats {
+                    Some(nats) => {
+                        let store = JetStreamStore::open(&nats).await?;
+                        let _ = ready_tx.send(addr);
+                        evmesh_node::serve(store, unvalidated(), listener, stopped).await?;
+                    }
+                    None => {
+                        let store = SqliteStore::open(Config::new(&data)).await?;
+                        let _ = ready_tx.send(addr);
+                        evmesh_node::serve(store, unvalidated(), listener, stopped).await?;
+                    }
+                }
                 Ok(())
             })
         });
@@ -104,6 +132,7 @@ impl Node {
             stop: Some(stop),
             thread: Some(thread),
             _dir: dir,
+            nats: None,
         })
     }
 
@@ -141,6 +170,15 @@ impl NodeProcess {
     /// A node over `data` (a fresh directory when `None`); `integrity_check` as
     /// `evmesh serve` without or with `--skip-integrity-check`.
     pub async fn start(data: Option<PathBuf>, integrity_check: bool) -> anyhow::Result<Self> {
+        Self::start_on(data, None, integrity_check).await
+    }
+
+    /// A node over the JetStream cluster `nats` names, or over `data`.
+    pub async fn start_on(
+        data: Option<PathBuf>,
+        nats: Option<&JetStreamConfig>,
+        integrity_check: bool,
+    ) -> anyhow::Result<Self> {
         let (dir, data) = data_dir(data)?;
         // A free port, chosen here so that start-up counts from the spawn.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -148,6 +186,13 @@ impl NodeProcess {
         let mut command = Command::new(std::env::current_exe()?);
         if !integrity_check {
             command.arg("--skip-integrity-check");
+        }
+        if let Some(nats) = nats {
+            command
+                .arg("--serve-nats")
+                .arg(nats.servers.join(","))
+                .arg("--serve-nats-replicas")
+                .arg(nats.replicas.to_string());
         }
         let mut child = command
             .arg("--serve-node")

@@ -20,6 +20,14 @@ pub enum Kind {
     JetStream {
         streams: u64,
     },
+    /// evmesh's publish-to-delivery latency at this rate.
+    Latency {
+        rate: u64,
+    },
+    /// JetStream's, driven directly.
+    JetStreamLatency {
+        rate: u64,
+    },
     Other,
 }
 
@@ -77,6 +85,19 @@ pub fn add_ratios(rows: &mut [Row]) {
             .and_then(|r| r.get("events/s"))
     };
     for i in 0..rows.len() {
+        if let Kind::Latency { rate } = rows[i].kind {
+            let direct = rows
+                .iter()
+                .find(|r| r.kind == Kind::JetStreamLatency { rate })
+                .and_then(|r| r.get("p99 ms"));
+            if let (Some(own), Some(direct)) = (rows[i].get("p99 ms"), direct) {
+                let ratio = own / direct;
+                rows[i]
+                    .figures
+                    .push(("p99 vs JetStream".into(), ratio, format!("{ratio:.2}")));
+            }
+            continue;
+        }
         let Kind::Publish { streams } = rows[i].kind else {
             continue;
         };

@@ -133,18 +133,43 @@ pub async fn ceiling(
 
 /// The same number of messages through JetStream.
 pub async fn jetstream(
-    nats: &crate::jetstream::NatsServer,
+    direct: &crate::jetstream::Direct<'_>,
     streams: u64,
     events: u64,
     payload: usize,
 ) -> anyhow::Result<Row> {
-    nats.publish(streams, warm_up(events), payload).await?;
-    let (acked, elapsed) = nats.publish(streams, events, payload).await?;
-    let scenario = format!("JetStream async publish, {streams} conn(s)");
+    direct.publish(streams, warm_up(events), payload).await?;
+    let (acked, elapsed) = direct.publish(streams, events, payload).await?;
+    let scenario = format!(
+        "JetStream async publish, {streams} conn(s), {}",
+        direct.nats.label()
+    );
     Ok(
         Row::throughput(scenario, acked, elapsed.as_secs_f64(), payload)
             .kind(Kind::JetStream { streams }),
     )
+}
+
+/// Publish-to-delivery latency through JetStream driven directly, timed as
+/// [`delivery_latency`] times evmesh's.
+pub async fn jetstream_latency(
+    direct: &crate::jetstream::Direct<'_>,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+) -> anyhow::Result<Row> {
+    let (mut latencies, mut acks) = direct.latency(rate, rate * seconds, payload).await?;
+    latencies.sort_unstable();
+    acks.sort_unstable();
+    Ok(latency_row(
+        format!(
+            "JetStream publish-to-delivery at {rate}/s, {}",
+            direct.nats.label()
+        ),
+        &latencies,
+        &acks,
+    )
+    .kind(Kind::JetStreamLatency { rate }))
 }
 
 /// Publish-to-delivery latency at a fixed rate, open loop.
@@ -164,13 +189,22 @@ pub async fn delivery_latency(
         .context("deliveries did not all arrive")??;
     acks.sort_unstable();
     latencies.sort_unstable();
-    Ok(Row::new(format!("publish-to-delivery at {rate}/s"))
-        .figure("p50 ms", quantile_ms(&latencies, 0.50), 2)
-        .figure("p99 ms", quantile_ms(&latencies, 0.99), 2)
-        .figure("p99.9 ms", quantile_ms(&latencies, 0.999), 2)
+    Ok(latency_row(
+        format!("publish-to-delivery at {rate}/s"),
+        &latencies,
+        &acks,
+    )
+    .kind(Kind::Latency { rate }))
+}
+
+fn latency_row(scenario: String, latencies: &[u64], acks: &[u64]) -> Row {
+    Row::new(scenario)
+        .figure("p50 ms", quantile_ms(latencies, 0.50), 2)
+        .figure("p99 ms", quantile_ms(latencies, 0.99), 2)
+        .figure("p99.9 ms", quantile_ms(latencies, 0.999), 2)
         .figure("delivered", latencies.len() as f64, 0)
-        .figure("ack p50 ms", quantile_ms(&acks, 0.50), 2)
-        .figure("ack p99 ms", quantile_ms(&acks, 0.99), 2))
+        .figure("ack p50 ms", quantile_ms(acks, 0.50), 2)
+        .figure("ack p99 ms", quantile_ms(acks, 0.99), 2)
 }
 
 /// One publisher at `rate` for `seconds` to `subscribers` ephemeral auto-ack
@@ -360,8 +394,22 @@ struct Growth {
     received: u64,
 }
 
-async fn rss_growth(stalled: bool, events: u64, payload: usize) -> anyhow::Result<Growth> {
-    let node = NodeProcess::start(None, true).await?;
+async fn rss_growth(
+    stalled: bool,
+    events: u64,
+    payload: usize,
+    nats: Option<crate::jetstream::Nats>,
+) -> anyhow::Result<Growth> {
+    let cluster = match nats {
+        Some(nats) => Some((nats.start().await, nats.replicas)),
+        None => None,
+    };
+    let config = cluster.as_ref().map(|(cluster, replicas)| {
+        let mut config = evmesh_store::jetstream::JetStreamConfig::new(cluster.urls());
+        config.replicas = *replicas;
+        config
+    });
+    let node = NodeProcess::start_on(None, config.as_ref(), true).await?;
     let received = Arc::new(AtomicU64::new(0));
     let held = if stalled {
         Some(Stalled::subscribe(node.addr, received.clone()).await?)
@@ -392,11 +440,16 @@ async fn rss_growth(stalled: bool, events: u64, payload: usize) -> anyhow::Resul
 /// times each (interleaved) and the medians taken: a node's RSS moves by a few MiB
 /// with its allocator's timing alone. The difference is what the stalled
 /// subscribers cost.
-pub async fn stalled(events: u64, payload: usize, pairs: usize) -> anyhow::Result<Row> {
+pub async fn stalled(
+    events: u64,
+    payload: usize,
+    pairs: usize,
+    nats: Option<crate::jetstream::Nats>,
+) -> anyhow::Result<Row> {
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..pairs.max(1) {
-        with.push(rss_growth(true, events, payload).await?);
-        without.push(rss_growth(false, events, payload).await?);
+        with.push(rss_growth(true, events, payload, nats).await?);
+        without.push(rss_growth(false, events, payload, nats).await?);
     }
     if with.iter().any(|g| g.received == 0) {
         bail!("the stalled group member got no deliveries: it was not subscribed");

@@ -1,26 +1,39 @@
 //! `evmesh-bench --quick` runs every scenario end to end. It proves the harness
 //! works; it asserts no speed.
+#![allow(clippy::expect_used)]
 
-#[test]
-fn quick_run_prints_every_scenario_and_writes_json() {
+/// Runs the bench with `args`, writing JSON to a temporary file; returns what it
+/// printed and its rows, after asserting it succeeded.
+fn run(args: &[&str]) -> (String, Vec<serde_json::Value>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("figures.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_evmesh-bench"))
-        .args(["--quick", "--json"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .output()
         .expect("run evmesh-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid json");
+    let rows = figures.as_array().expect("an array of rows").clone();
+    (stdout, rows)
+}
+
+#[test]
+fn quick_run_prints_every_scenario_and_writes_json() {
+    let (stdout, rows) = run(&["--quick"]);
     for scenario in [
         "evmesh durable publish, 1 stream(s)",
         "evmesh durable publish, 16 stream(s)",
         "ceiling: bare tonic echo, 4 stream(s)",
         "JetStream async publish, 16 conn(s)",
+        "JetStream publish-to-delivery at",
         "publish-to-delivery at",
         "fan-out to 100",
         "consumer with inbox and outbox",
@@ -35,10 +48,7 @@ fn quick_run_prints_every_scenario_and_writes_json() {
             "{scenario} missing from\n{stdout}"
         );
     }
-    let figures: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid json");
-    let rows = figures.as_array().expect("an array of rows");
-    assert_eq!(rows.len(), 22);
+    assert_eq!(rows.len(), 23);
     // Each validated publish row is set beside both references.
     let publish: Vec<_> = rows
         .iter()
@@ -66,5 +76,69 @@ fn quick_run_prints_every_scenario_and_writes_json() {
     assert!(
         rows.iter()
             .all(|r| r["figures"].as_object().is_some_and(|f| !f.is_empty()))
+    );
+}
+
+/// The scenarios that run on the JetStream backend, on a nats-server of the run's
+/// own with `sync_interval: always`, each evmesh row beside JetStream driven
+/// directly on the same settings.
+#[test]
+fn quick_run_on_the_jetstream_backend() {
+    let (stdout, rows) = run(&[
+        "--quick",
+        "--backend",
+        "jetstream",
+        "--nats-sync",
+        "always",
+        "--scenarios",
+        "publish,jetstream,latency,fanout,stall",
+    ]);
+    let on_node: Vec<_> = rows
+        .iter()
+        .filter(|r| {
+            r["scenario"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("[JetStream backend, R1, sync always]"))
+        })
+        .collect();
+    // Four publish rows, three latency, two fan-out, one stalled subscriber.
+    assert_eq!(on_node.len(), 10, "{stdout}");
+    let beside = |figure: &str, prefix: &str| {
+        on_node
+            .iter()
+            .filter(|r| {
+                r["scenario"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(prefix))
+            })
+            .filter(|r| r["figures"][figure].as_f64().is_some_and(|v| v > 0.0))
+            .count()
+    };
+    assert_eq!(
+        beside("vs JetStream", "evmesh durable publish"),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(
+        beside("p99 vs JetStream", "publish-to-delivery"),
+        1,
+        "{stdout}"
+    );
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_evmesh-bench"))
+        .args([
+            "--quick",
+            "--backend",
+            "jetstream",
+            "--scenarios",
+            "startup",
+        ])
+        .output()
+        .expect("run evmesh-bench");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("measures the embedded log only"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }

@@ -269,9 +269,16 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts `n` servers routed to each other and waits until JetStream has a meta
-    /// leader.
+    /// leader; `n == 1`: one server, not clustered.
     pub async fn start(n: usize, sync: Sync) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        if n == 1 {
+            let server = NatsServer::start_in_with(&dir.path().join("n1"), sync).await;
+            return Self {
+                servers: vec![server],
+                _dir: dir,
+            };
+        }
         // Route ports must be known before any server starts; one taken meanwhile
         // by another process makes that server exit, and the cluster starts again.
         let mut failure = String::new();
