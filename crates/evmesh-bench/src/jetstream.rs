@@ -49,8 +49,11 @@ pub struct Direct<'a> {
 impl Direct<'_> {
     async fn context(&self) -> anyhow::Result<jetstream::Context> {
         let client = async_nats::connect(self.cluster.urls()).await?;
+        // A full window of every connection waits behind one another's fsyncs with
+        // `sync_interval: always`: longer than async-nats's 5 s default.
         Ok(jetstream::context::ContextBuilder::new()
             .max_ack_inflight(WINDOW)
+            .timeout(Duration::from_secs(60))
             .build(client))
     }
 
@@ -190,7 +193,11 @@ async fn publisher(
         tokio::spawn(async move {
             let mut acked = 0u64;
             while let Some(ack) = rx.recv().await {
-                ack.await.context("JetStream publish ack")?;
+                if let Err(e) = ack.await {
+                    // The sender waits for credit: end it too.
+                    credits.close();
+                    return Err(e).context("JetStream publish ack");
+                }
                 acked += 1;
                 credits.add_permits(1);
             }
@@ -198,7 +205,10 @@ async fn publisher(
         })
     };
     for _ in 0..n {
-        credits.acquire().await?.forget();
+        let Ok(permit) = credits.acquire().await else {
+            break;
+        };
+        permit.forget();
         let ack = js
             .publish(subject.clone(), body.clone().into())
             .await

