@@ -14,6 +14,22 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::load::WINDOW;
 
+/// What each published message is like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Every message on one subject, no headers: JetStream at its fastest.
+    Plain,
+    /// One subject, with a `Nats-Msg-Id` each: JetStream's duplicate check within
+    /// its window, and no more.
+    MsgId,
+    /// As the JetStream backend publishes an event: a subject of its own
+    /// (`….<correlation>.<partition>.<type>.<id>`), `Nats-Msg-Id` and an expected
+    /// last subject sequence of 0 (idempotency past the duplicate window). The
+    /// server's side of evmesh's guarantees, without the
+    /// node.
+    AsEvmesh,
+}
+
 /// Where the nats-servers of a run are, and how they store.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Nats {
@@ -80,6 +96,7 @@ impl Direct<'_> {
         streams: u64,
         n: u64,
         payload: usize,
+        shape: Shape,
     ) -> anyhow::Result<(u64, Duration)> {
         let name = format!("BENCH{streams}");
         let admin = self.stream(&name, &format!("bench{streams}.>")).await?;
@@ -92,7 +109,7 @@ impl Direct<'_> {
         let start = Instant::now();
         let tasks: Vec<_> = contexts
             .into_iter()
-            .map(|js| tokio::spawn(publisher(js, subject.clone(), per, payload)))
+            .map(|js| tokio::spawn(publisher(js, subject.clone(), per, payload, shape)))
             .collect();
         let mut acked = 0;
         for t in tasks {
@@ -184,6 +201,7 @@ async fn publisher(
     subject: String,
     n: u64,
     payload: usize,
+    shape: Shape,
 ) -> anyhow::Result<u64> {
     let body = vec![0xab_u8; payload];
     let credits = std::sync::Arc::new(Semaphore::new(WINDOW));
@@ -209,10 +227,27 @@ async fn publisher(
             break;
         };
         permit.forget();
-        let ack = js
-            .publish(subject.clone(), body.clone().into())
-            .await
-            .context("JetStream publish")?;
+        let ack = match shape {
+            Shape::Plain => js.publish(subject.clone(), body.clone().into()).await,
+            Shape::MsgId => {
+                let id = uuid::Uuid::now_v7().simple().to_string();
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(body.clone().into())
+                    .message_id(&id);
+                js.send_publish(subject.clone(), publish).await
+            }
+            Shape::AsEvmesh => {
+                let id = uuid::Uuid::now_v7().simple().to_string();
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(body.clone().into())
+                    .message_id(&id)
+                    .expected_last_subject_sequence(0);
+                // One workflow per event, as the bench's evmesh publishes.
+                let subject = format!("{subject}.{id}.{}.order.placed.{id}", &id[..1]);
+                js.send_publish(subject, publish).await
+            }
+        }
+        .context("JetStream publish")?;
         if tx.send(ack).await.is_err() {
             break;
         }

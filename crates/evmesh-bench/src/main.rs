@@ -127,6 +127,7 @@ enum Step {
     },
     JetStream {
         streams: u64,
+        shape: jetstream::Shape,
     },
     JetStreamLatency {
         rate: u64,
@@ -158,7 +159,18 @@ impl Step {
                 if *validated { "" } else { ", no validation" }
             ),
             Step::Ceiling { streams } => format!("ceiling, {streams} stream(s)"),
-            Step::JetStream { streams } => format!("JetStream, {streams} conn(s)"),
+            Step::JetStream {
+                streams,
+                shape: jetstream::Shape::Plain,
+            } => format!("JetStream, {streams} conn(s)"),
+            Step::JetStream {
+                streams,
+                shape: jetstream::Shape::MsgId,
+            } => format!("JetStream with msg ids, {streams} conn(s)"),
+            Step::JetStream {
+                streams,
+                shape: jetstream::Shape::AsEvmesh,
+            } => format!("JetStream as evmesh publishes, {streams} conn(s)"),
             Step::JetStreamLatency { rate } => format!("JetStream latency at {rate}/s"),
             Step::Latency { rate: Some(rate) } => format!("latency at {rate}/s"),
             Step::Latency { rate: None } => "latency at half the maximum".into(),
@@ -209,7 +221,10 @@ fn plan(args: &Args) -> Vec<Step> {
         steps.extend([1, 4, 16].map(|streams| Step::Ceiling { streams }));
     }
     if run("jetstream") {
-        steps.extend([1, 4, 16].map(|streams| Step::JetStream { streams }));
+        use jetstream::Shape;
+        for shape in [Shape::Plain, Shape::MsgId, Shape::AsEvmesh] {
+            steps.extend([1, 4, 16].map(|streams| Step::JetStream { streams, shape }));
+        }
         steps.push(Step::JetStreamLatency { rate: 1_000 });
     }
     if run("latency") {
@@ -392,13 +407,13 @@ fn main() -> anyhow::Result<()> {
                     };
                     scenarios::ceiling(addr, streams, sizes.events, payload).await?
                 }
-                Step::JetStream { streams } => {
+                Step::JetStream { streams, shape } => {
                     let cluster = match &reference {
                         Some(cluster) => cluster,
                         None => reference.insert(nats.start().await),
                     };
                     let direct = jetstream::Direct { cluster, nats };
-                    scenarios::jetstream(&direct, streams, sizes.events, payload).await?
+                    scenarios::jetstream(&direct, streams, sizes.events, payload, shape).await?
                 }
                 Step::JetStreamLatency { rate } => {
                     let cluster = nats.start().await;

@@ -124,9 +124,19 @@ impl Node {
                 Ok(())
             })
         });
-        let addr = ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("the node did not start")?;
+        let addr = match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            // The thread ended: its error says why.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(match thread.join() {
+                    Ok(Err(e)) => e.context("the node did not start"),
+                    _ => anyhow::anyhow!("the node did not start (its thread panicked)"),
+                });
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the node did not start within 30 s")
+            }
+        };
         Ok(Self {
             addr,
             stop: Some(stop),

@@ -20,6 +20,11 @@ pub enum Kind {
     JetStream {
         streams: u64,
     },
+    /// JetStream's async publish with this many connections, each message as the
+    /// JetStream backend publishes an event.
+    JetStreamAsEvmesh {
+        streams: u64,
+    },
     /// evmesh's publish-to-delivery latency at this rate.
     Latency {
         rate: u64,
@@ -106,6 +111,7 @@ pub fn add_ratios(rows: &mut [Row]) {
         };
         let ceiling = rate(rows, Kind::Ceiling { streams });
         let jetstream = rate(rows, Kind::JetStream { streams });
+        let as_evmesh = rate(rows, Kind::JetStreamAsEvmesh { streams });
         let row = &mut rows[i];
         if let Some(c) = ceiling {
             let ratio = own / c;
@@ -116,6 +122,14 @@ pub fn add_ratios(rows: &mut [Row]) {
             let ratio = own / j;
             row.figures
                 .push(("vs JetStream".into(), ratio, format!("{ratio:.2}")));
+        }
+        if let Some(j) = as_evmesh {
+            let ratio = own / j;
+            row.figures.push((
+                "vs JetStream as evmesh".into(),
+                ratio,
+                format!("{ratio:.2}"),
+            ));
         }
     }
 }

@@ -137,17 +137,26 @@ pub async fn jetstream(
     streams: u64,
     events: u64,
     payload: usize,
+    shape: crate::jetstream::Shape,
 ) -> anyhow::Result<Row> {
-    direct.publish(streams, warm_up(events), payload).await?;
-    let (acked, elapsed) = direct.publish(streams, events, payload).await?;
+    use crate::jetstream::Shape;
+    direct
+        .publish(streams, warm_up(events), payload, shape)
+        .await?;
+    let (acked, elapsed) = direct.publish(streams, events, payload, shape).await?;
+    let (what, kind) = match shape {
+        Shape::Plain => ("", Kind::JetStream { streams }),
+        Shape::MsgId => (" with a msg id each", Kind::Other),
+        Shape::AsEvmesh => (
+            " as evmesh publishes (subject per event, msg id, expected subject seq)",
+            Kind::JetStreamAsEvmesh { streams },
+        ),
+    };
     let scenario = format!(
-        "JetStream async publish, {streams} conn(s), {}",
+        "JetStream async publish{what}, {streams} conn(s), {}",
         direct.nats.label()
     );
-    Ok(
-        Row::throughput(scenario, acked, elapsed.as_secs_f64(), payload)
-            .kind(Kind::JetStream { streams }),
-    )
+    Ok(Row::throughput(scenario, acked, elapsed.as_secs_f64(), payload).kind(kind))
 }
 
 /// Publish-to-delivery latency through JetStream driven directly, timed as

@@ -33,6 +33,8 @@ fn quick_run_prints_every_scenario_and_writes_json() {
         "evmesh durable publish, 16 stream(s)",
         "ceiling: bare tonic echo, 4 stream(s)",
         "JetStream async publish, 16 conn(s)",
+        "JetStream async publish with a msg id each, 4 conn(s)",
+        "JetStream async publish as evmesh publishes",
         "JetStream publish-to-delivery at",
         "publish-to-delivery at",
         "fan-out to 100",
@@ -48,7 +50,7 @@ fn quick_run_prints_every_scenario_and_writes_json() {
             "{scenario} missing from\n{stdout}"
         );
     }
-    assert_eq!(rows.len(), 23);
+    assert_eq!(rows.len(), 29);
     // Each validated publish row is set beside both references.
     let publish: Vec<_> = rows
         .iter()
@@ -66,12 +68,12 @@ fn quick_run_prints_every_scenario_and_writes_json() {
                 .is_some_and(|r| r > 0.0),
             "{row}"
         );
-        assert!(
-            row["figures"]["vs JetStream"]
-                .as_f64()
-                .is_some_and(|r| r > 0.0),
-            "{row}"
-        );
+        for reference in ["vs JetStream", "vs JetStream as evmesh"] {
+            assert!(
+                row["figures"][reference].as_f64().is_some_and(|r| r > 0.0),
+                "{reference} missing from {row}"
+            );
+        }
     }
     assert!(
         rows.iter()

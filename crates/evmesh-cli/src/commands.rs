@@ -45,13 +45,14 @@ pub(crate) const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 /// The node a client command talks to; on every client command and its subcommands.
 #[derive(clap::Args)]
 pub(crate) struct NodeArg {
-    /// The node to talk to: a URL (http://host:port) or host:port.
+    /// The node to talk to: a URL (http://host:port) or host:port; several,
+    /// comma-separated, for the first of them that answers.
     #[arg(
         long,
         global = true,
         env = "EVMESH_SERVER",
         default_value = DEFAULT_SERVER,
-        value_name = "URL"
+        value_name = "URL[,URL…]"
     )]
     pub(crate) server: String,
 }
@@ -60,36 +61,53 @@ async fn connect(server: &str) -> anyhow::Result<MeshClient<Channel>> {
     Ok(MeshClient::new(channel(server).await?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-/// A channel to the node named by --server.
+/// A channel to the node named by --server, or to the first that answers of
+/// several, comma-separated.
 pub(crate) async fn channel(server: &str) -> anyhow::Result<Channel> {
-    let url = if server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
-    };
-    let endpoint = Channel::from_shared(url.clone())
-        .map_err(|e| anyhow!("--server {server:?} is not a valid URL: {e}"))?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| unreachable(&url, &e))?;
-    Ok(channel)
+    let urls = evmesh_client::node_urls(server)
+        .map_err(|_| anyhow!("--server is empty: name a node, e.g. {DEFAULT_SERVER}"))?;
+    let mut failures = Vec::new();
+    for url in urls {
+        let endpoint = Channel::from_shared(url.clone())
+            .map_err(|e| anyhow!("--server {url:?} is not a valid URL: {e}"))?;
+        match endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+        {
+            Ok(channel) => return Ok(channel),
+            Err(e) => failures.push((url, e)),
+        }
+    }
+    Err(unreachable(&failures))
 }
 
-/// The error for a node that does not answer: what failed underneath (refused, no
+/// The error for nodes that do not answer: what failed underneath (refused, no
 /// such host, timed out), and what to do about it.
-fn unreachable(url: &str, error: &(dyn std::error::Error + 'static)) -> anyhow::Error {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    let hint = if url == DEFAULT_SERVER {
-        "start one with `evmesh serve`, or name another with --server or EVMESH_SERVER"
-    } else {
-        "is the node running there? --server and EVMESH_SERVER name the node"
+fn unreachable(failures: &[(String, tonic::transport::Error)]) -> anyhow::Error {
+    let cause = |error: &(dyn std::error::Error + 'static)| {
+        let mut cause = error;
+        while let Some(source) = cause.source() {
+            cause = source;
+        }
+        cause.to_string()
     };
-    anyhow!("cannot reach a node at {url} ({cause}): {hint}")
+    if let [(url, error)] = failures {
+        let hint = if url == DEFAULT_SERVER {
+            "start one with `evmesh serve`, or name another with --server or EVMESH_SERVER"
+        } else {
+            "is the node running there? --server and EVMESH_SERVER name the node"
+        };
+        return anyhow!("cannot reach a node at {url} ({}): {hint}", cause(error));
+    }
+    let each: Vec<String> = failures
+        .iter()
+        .map(|(url, error)| format!("{url} ({})", cause(error)))
+        .collect();
+    anyhow!(
+        "cannot reach any node of {}: are they running? --server and EVMESH_SERVER name the nodes",
+        each.join(", ")
+    )
 }
 
 /// A start position from the command line: earliest, latest, a sequence or an

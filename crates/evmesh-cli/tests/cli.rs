@@ -2,98 +2,13 @@
 //! commands against it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_evmesh");
+mod support;
 
-struct Served {
-    child: Child,
-    addr: String,
-}
-
-impl Served {
-    /// A lenient `evmesh serve` (`--allow-unregistered`): the storage tests publish
-    /// opaque payloads.
-    fn start(data: &Path) -> Self {
-        Self::start_with(data, &["--allow-unregistered"])
-    }
-
-    /// `evmesh serve` on an ephemeral port over `data`; waits for its "serving" line.
-    fn start_with(data: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(extra)
-            .env("EVMESH_DATA", data)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn evmesh serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("serve logs a serving line");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("json logs");
-            if v["fields"]["message"] == "serving" {
-                break v["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        };
-        Self { child, addr }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("EVMESH_SERVER", &self.addr)
-            .output()
-            .expect("run evmesh")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "evmesh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(killed.success());
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        panic!("evmesh serve did not exit after SIGTERM");
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{BIN, Served};
 
 /// A failing command prints exactly one line on stderr and exits non-zero.
 #[track_caller]
@@ -682,12 +597,7 @@ fn serve_on_nats() {
     ]);
     assert_eq!(out.lines().count(), 2, "{out}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let down = format!("nats://127.0.0.1:{port}");
+    let down = format!("nats://127.0.0.1:{}", support::free_port());
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--nats", &down])
         .env("EVMESH_DATA", dir.path().join("three"))

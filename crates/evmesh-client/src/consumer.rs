@@ -303,13 +303,21 @@ async fn consume(
 ) -> Result<()> {
     let mut last_prune = tokio::time::Instant::now();
     while !*stop.borrow() {
-        match session(&b, &pool, &relay, &mut stop).await {
+        let node = b.mesh.current();
+        match session(&b, &node.channel, &pool, &relay, &mut stop).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::warn!(group = %b.group, error = %e, "consumer stream broke; subscribing again");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = stop.changed() => {}
+                }
+                // The group's other members and the events this one held are the
+                // mesh's: on another node it joins the same group.
+                if e.worth_another_node()
+                    && let Err(e) = b.mesh.fail_over(node.generation).await
+                {
+                    tracing::warn!(group = %b.group, error = %e, "no node to move to yet");
                 }
             }
         }
@@ -336,6 +344,7 @@ async fn prune(pool: &SqlitePool, consumer: &str, retention: Duration) {
 /// One subscribe stream, until it breaks (Err) or the consumer is stopped (Ok).
 async fn session(
     b: &ConsumerBuilder,
+    channel: &tonic::transport::Channel,
     pool: &SqlitePool,
     relay: &Relay,
     stop: &mut watch::Receiver<bool>,
@@ -357,7 +366,7 @@ async fn session(
     let _ = requests.try_send(pb::SubscribeRequest {
         request: Some(pb::subscribe_request::Request::Open(open)),
     });
-    let mut stream = MeshClient::new(b.mesh.channel())
+    let mut stream = MeshClient::new(channel.clone())
         .subscribe(ReceiverStream::new(rx))
         .await?
         .into_inner();

@@ -3,8 +3,9 @@
 //! - [`Event`] is implemented by `evmesh-build` for every message marked with
 //!   `option (evmesh.v1.event_type) = "..."`; a service never writes an event type or
 //!   a schema version by hand.
-//! - [`Mesh::connect`] reaches a node; [`Mesh::publish`] streams with many events in
-//!   flight and returns each one's ack.
+//! - [`Mesh::connect`] reaches a node of a mesh, or the first of several that
+//!   answers, and moves to the next when its connection breaks; [`Mesh::publish`]
+//!   streams with many events in flight and returns each one's ack.
 //! - [`Mesh::consumer`] builds a consumer: a group, typed handlers, and the service's
 //!   own SQLite database, where one transaction holds the inbox mark, the handler's
 //!   writes and the events it publishes (the outbox), committed before the ack. A
@@ -17,12 +18,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use evmesh_proto::v1::schema_registry_client::SchemaRegistryClient;
 use tonic::transport::Channel;
 
 mod consumer;
 mod migrations;
+mod nodes;
 mod outbox;
 mod publisher;
 pub mod telemetry;
@@ -30,6 +33,7 @@ pub mod telemetry;
 pub use consumer::{Consumer, ConsumerBuilder, Context, HandlerError, Incoming, Tx};
 /// The wire types (envelopes, acks), for what the typed API does not cover.
 pub use evmesh_proto::v1 as pb;
+pub use nodes::urls as node_urls;
 pub use outbox::Relay;
 pub use publisher::Publisher;
 
@@ -73,13 +77,53 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A connection to a mesh node. Cloning shares it.
+impl Error {
+    /// Whether the connection broke or the node could not serve the call (rather
+    /// than the call being wrong or refused): another node, or the same one later,
+    /// may serve it.
+    pub fn worth_another_node(&self) -> bool {
+        match self {
+            Error::Disconnected(_) | Error::Connect { .. } => true,
+            Error::Status(status) => nodes::worth_another_node(status.code()),
+            Error::Rejected { code, .. } => *code == tonic::Code::Unavailable,
+            Error::InvalidArgument(_) | Error::Schema { .. } | Error::Database(_) => false,
+        }
+    }
+}
+
+/// A connection to a mesh node, which moves to another node of the mesh when it
+/// breaks. Cloning shares it.
 #[derive(Clone)]
 pub struct Mesh {
-    channel: Channel,
+    nodes: Arc<nodes::Nodes>,
+    failover_for: Duration,
     publisher: Publisher,
     /// Event type → the schema version this service's messages were resolved to.
     versions: Arc<RwLock<HashMap<&'static str, String>>>,
+}
+
+/// How [`Mesh::connect_with`] connects.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    /// How long the publisher keeps sending an unacknowledged event again, to one
+    /// node after another, before its caller gets the error (30 s).
+    pub failover_for: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            failover_for: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConnectOptions {
+    pub fn failover_for(mut self, failover_for: Duration) -> Self {
+        self.failover_for = failover_for;
+        self
+    }
 }
 
 /// Where an event sits in a workflow. Empty fields are filled: a new id, and for a
@@ -113,30 +157,67 @@ pub(crate) fn new_id() -> uuid::Uuid {
 }
 
 impl Mesh {
-    /// Connects to the node at `url` (e.g. `http://127.0.0.1:50051`).
+    /// Connects to the node at `servers` (e.g. `http://127.0.0.1:50051`), or to the
+    /// first that answers of several, comma-separated
+    /// (`http://a:50051,http://b:50051`); a URL without a scheme is `http://`.
+    /// When the connection breaks, calls move to the next node of the list (round
+    /// the list): the publisher sends what was not acknowledged again with the same
+    /// ids, and consumers join their groups again.
     ///
     /// ```no_run
     /// # async fn f() -> evmesh_client::Result<()> {
     /// let mesh = evmesh_client::Mesh::connect("http://127.0.0.1:50051").await?;
     /// # Ok(()) }
     /// ```
-    pub async fn connect(url: &str) -> Result<Self> {
-        let endpoint = Channel::from_shared(url.to_owned())
-            .map_err(|e| Error::InvalidArgument(format!("{url:?} is not a valid URL: {e}")))?
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
-            url: url.to_owned(),
-            source,
-        })?;
+    pub async fn connect(servers: &str) -> Result<Self> {
+        Self::connect_with(servers, ConnectOptions::default()).await
+    }
+
+    /// [`Mesh::connect`] with options.
+    pub async fn connect_with(servers: &str, options: ConnectOptions) -> Result<Self> {
+        let nodes = Arc::new(nodes::Nodes::connect(servers).await?);
         Ok(Self {
-            publisher: Publisher::start(channel.clone()),
-            channel,
+            publisher: Publisher::start(nodes.clone(), options.failover_for),
+            nodes,
+            failover_for: options.failover_for,
             versions: Arc::default(),
         })
     }
 
-    pub(crate) fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// The connection in use now.
+    pub(crate) fn current(&self) -> nodes::Current {
+        self.nodes.current()
+    }
+
+    /// Moves off the connection of generation `broken` (see [`Mesh::current`]).
+    pub(crate) async fn fail_over(&self, broken: u64) -> Result<nodes::Current> {
+        self.nodes.fail_over(broken).await
+    }
+
+    /// Runs an idempotent call on the node in use, and again on the next node while
+    /// it fails with a broken connection or an unavailable node, for at most
+    /// `failover_for`.
+    async fn on_any_node<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut backoff = nodes::Backoff::new();
+        loop {
+            let node = self.current();
+            match call(node.channel).await {
+                Ok(value) => return Ok(value),
+                Err(status)
+                    if nodes::worth_another_node(status.code())
+                        && backoff.wait(self.failover_for).await =>
+                {
+                    if let Err(e) = self.fail_over(node.generation).await {
+                        tracing::warn!(error = %e, "no node to move to yet");
+                    }
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
     }
 
     fn request<E: Event>(version: &str) -> pb::RegisterSchemaRequest {
@@ -151,8 +232,12 @@ impl Mesh {
     /// Registers `E`'s schema (the registry assigns the version) and uses that
     /// version from now on. Idempotent for unchanged content.
     pub async fn register<E: Event>(&self) -> Result<String> {
-        let response = SchemaRegistryClient::new(self.channel())
-            .register_schema(Self::request::<E>(""))
+        let response = self
+            .on_any_node(|channel| async move {
+                SchemaRegistryClient::new(channel)
+                    .register_schema(Self::request::<E>(""))
+                    .await
+            })
             .await?
             .into_inner();
         let version = response.schema.map(|s| s.version).unwrap_or_default();
@@ -163,8 +248,12 @@ impl Mesh {
     /// Finds the registered version whose content is exactly `E`'s schema and uses
     /// it from now on; an error when this content is not registered.
     pub async fn resolve<E: Event>(&self) -> Result<String> {
-        let check = SchemaRegistryClient::new(self.channel())
-            .check_schema(Self::request::<E>(""))
+        let check = self
+            .on_any_node(|channel| async move {
+                SchemaRegistryClient::new(channel)
+                    .check_schema(Self::request::<E>(""))
+                    .await
+            })
             .await?
             .into_inner();
         if !check.already_registered {

@@ -37,9 +37,21 @@ pub const SCHEMAS_BUCKET: &str = "EVMESH_SCHEMAS";
 pub const MIN_SERVER: semver::Version = semver::Version::new(2, 14, 0);
 /// How long a publish waits for JetStream's answer before its outcome is unknown.
 const PUBLISH_ANSWER_WAIT: Duration = Duration::from_secs(5);
-/// The header carrying an event's schema version, for a group's version
-/// requirements, which the server cannot filter on.
-const SCHEMA_VERSION_HEADER: &str = "Evmesh-Schema-Version";
+
+/// Where nodes tell each other how far the events stream reaches: each announces
+/// the last sequence it stored (core NATS, a few bytes, at most about once a
+/// millisecond), so that the others' groups read on without asking the stream.
+const HEAD_SUBJECT: &str = "evmesh.head";
+
+/// How often a node asks the stream for its last sequence anyway: what an
+/// announcement lost (a node that died between its ack and its announcement)
+/// costs at most this.
+const HEAD_POLL: Duration = Duration::from_secs(1);
+
+/// Events this node stored lately, kept to be read back without a round trip:
+/// at most this many, and this many bytes.
+const RECENT_EVENTS: usize = 8192;
+const RECENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// How to reach and use the cluster.
 #[derive(Debug, Clone)]
@@ -95,9 +107,46 @@ pub struct JetStreamLog {
     js: jetstream::Context,
     schemas: kv::Store,
     publish_retry_for: Duration,
+    /// The last sequence this node knows of, by its own publishes or others'.
     head: Arc<watch::Sender<u64>>,
-    _head_watch: Arc<AbortOnDrop>,
+    /// The last sequence this node stored, which it announces.
+    stored: Arc<watch::Sender<u64>>,
+    recent: Arc<std::sync::Mutex<Recent>>,
+    _head_tasks: Arc<[AbortOnDrop; 2]>,
     connected: watch::Receiver<bool>,
+}
+
+/// The events this node stored lately, by sequence (others' events fall between).
+#[derive(Default)]
+struct Recent {
+    events: std::collections::BTreeMap<u64, Arc<StoredEvent>>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn insert(&mut self, event: StoredEvent) {
+        self.bytes += event.event.encoded_len();
+        self.events.insert(event.sequence, Arc::new(event));
+        while self.events.len() > RECENT_EVENTS || self.bytes > RECENT_BYTES {
+            let Some((_, oldest)) = self.events.pop_first() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(oldest.event.encoded_len());
+        }
+    }
+
+    /// The events at `from`, `from + 1`, … while this node stored them, at most
+    /// `limit`: empty when it did not store the one at `from`.
+    fn run_from(&self, from: u64, limit: usize) -> Vec<Arc<StoredEvent>> {
+        let mut run = Vec::new();
+        for (sequence, event) in self.events.range(from..) {
+            if run.len() == limit || *sequence != from + run.len() as u64 {
+                break;
+            }
+            run.push(event.clone());
+        }
+        run
+    }
 }
 
 /// Ends a task when the last handle on it goes.
@@ -191,14 +240,18 @@ impl JetStreamLog {
         let schemas = bucket(&js, SCHEMAS_BUCKET, config.replicas).await?;
         let last = last_sequence(&js).await?;
         let head = Arc::new(watch::Sender::new(last));
-        let head_watch = tokio::spawn(watch_head(client.clone(), js.clone(), head.clone()));
+        let stored = Arc::new(watch::Sender::new(0));
+        let follow = tokio::spawn(follow_head(client.clone(), js.clone(), head.clone()));
+        let announce = tokio::spawn(announce_head(client.clone(), stored.subscribe()));
         Ok(Self {
             client,
             js,
             schemas,
             publish_retry_for: config.publish_retry_for,
             head,
-            _head_watch: Arc::new(AbortOnDrop(head_watch)),
+            stored,
+            recent: Arc::default(),
+            _head_tasks: Arc::new([AbortOnDrop(follow), AbortOnDrop(announce)]),
             connected,
         })
     }
@@ -212,9 +265,11 @@ impl JetStreamLog {
     pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>> {
         self.check_sizes(&events)?;
         let mut acks = Vec::with_capacity(events.len());
-        for event in &events {
+        for event in events {
             let deadline = Instant::now() + self.publish_retry_for;
-            acks.push(self.publish_until_answered(event, deadline).await?);
+            let appended = self.publish_until_answered(&event, deadline).await?;
+            self.stored(&appended, event);
+            acks.push(appended);
         }
         Ok(acks)
     }
@@ -253,9 +308,7 @@ impl JetStreamLog {
         let publish = jetstream::message::PublishMessage::build()
             .payload(Bytes::from(event.encode_to_vec()))
             .message_id(&event.id)
-            .expected_last_subject_sequence(0)
-            .header(SCHEMA_VERSION_HEADER, event.schema_version.as_str());
-        let log = self.clone();
+            .expected_last_subject_sequence(0);
         // The answer is awaited from when the publish was sent, not from when the
         // pipeline gets to it (async-nats starts its timeout at the first poll).
         let answer_by = tokio::time::Instant::now() + PUBLISH_ANSWER_WAIT;
@@ -269,11 +322,7 @@ impl JetStreamLog {
                                 PublishErrorKind::TimedOut,
                             ))
                         });
-                let outcome = outcome(answer);
-                if let Outcome::Stored(appended) = &outcome {
-                    log.advance_head(appended.sequence);
-                }
-                outcome
+                outcome(answer)
             }),
             Err(e) => Box::pin(std::future::ready(Outcome::Unknown(e.to_string()))),
         }
@@ -322,12 +371,17 @@ impl JetStreamLog {
 
     /// Up to `limit` events from sequence `from` on, in log order.
     pub async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Arc<StoredEvent>>> {
+        let from = from.max(1);
+        let run = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .run_from(from, limit);
+        if !run.is_empty() {
+            return Ok(run);
+        }
         let events = self
-            .direct_batch(
-                &format!("{EVENTS_PREFIX}.>"),
-                Start::Sequence(from.max(1)),
-                limit,
-            )
+            .direct_batch(&format!("{EVENTS_PREFIX}.>"), Start::Sequence(from), limit)
             .await?;
         Ok(events.into_iter().map(Arc::new).collect())
     }
@@ -365,14 +419,21 @@ impl JetStreamLog {
         self.head.subscribe()
     }
 
-    fn advance_head(&self, sequence: u64) {
-        self.head.send_if_modified(|head| {
-            let moved = sequence > *head;
-            if moved {
-                *head = sequence;
-            }
-            moved
-        });
+    /// This node stored `event` (or found it stored before): the head moves, the
+    /// other nodes hear of it, and a new event is kept to be read back. Called in
+    /// the order the events were sent.
+    pub(crate) fn stored(&self, appended: &Appended, event: Event) {
+        if !appended.duplicate {
+            self.recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(StoredEvent {
+                    sequence: appended.sequence,
+                    event,
+                });
+        }
+        advance(&self.stored, appended.sequence);
+        advance(&self.head, appended.sequence);
     }
 
     /// One batch direct get: up to `limit` messages on `filter` from sequence `from`
@@ -661,44 +722,71 @@ pub(crate) async fn bucket(
 }
 
 async fn last_sequence(js: &jetstream::Context) -> Result<u64> {
-    let mut events = js
+    let events = js
         .get_stream(EVENTS_STREAM)
         .await
         .map_err(|e| unavailable("reading the events stream", e))?;
-    let info = events
-        .info()
-        .await
-        .map_err(|e| unavailable("reading the events stream", e))?;
-    Ok(info.state.last_sequence)
+    Ok(events.cached_info().state.last_sequence)
 }
 
-/// Follows the head of the events stream: every event published (by any node)
-/// reaches this core subscription too, and prompts one look at the stream's last
-/// sequence; a burst of them, one look.
-async fn watch_head(
+/// Moves `head` forward to `sequence`; never back.
+fn advance(head: &watch::Sender<u64>, sequence: u64) {
+    head.send_if_modified(|h| {
+        let moved = sequence > *h;
+        if moved {
+            *h = sequence;
+        }
+        moved
+    });
+}
+
+/// Follows the head of the events stream: the other nodes' announcements of what
+/// they stored, and once a [`HEAD_POLL`] the stream's own last sequence.
+async fn follow_head(
     client: async_nats::Client,
     js: jetstream::Context,
     head: Arc<watch::Sender<u64>>,
 ) {
     use futures_util::StreamExt as _;
-    let Ok(mut published) = client.subscribe(format!("{EVENTS_PREFIX}.>")).await else {
+    let Ok(mut announced) = client.subscribe(HEAD_SUBJECT).await else {
         tracing::error!("cannot follow the events stream's head");
         return;
     };
-    while published.next().await.is_some() {
-        while let Some(Some(_)) = futures_util::FutureExt::now_or_never(published.next()) {}
-        match last_sequence(&js).await {
-            Ok(last) => {
-                head.send_if_modified(|h| {
-                    let moved = last > *h;
-                    if moved {
-                        *h = last;
+    let mut poll = tokio::time::interval(HEAD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = announced.next() => match message {
+                Some(message) => {
+                    if let Some(sequence) = std::str::from_utf8(&message.payload)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        advance(&head, sequence);
                     }
-                    moved
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "reading the events stream's head"),
+                }
+                None => return,
+            },
+            _ = poll.tick() => match last_sequence(&js).await {
+                Ok(last) => advance(&head, last),
+                Err(e) => tracing::debug!(error = %e, "reading the events stream's head"),
+            },
         }
+    }
+}
+
+/// Announces the last sequence this node stored, as it moves: at once, then at
+/// most once a millisecond under load.
+async fn announce_head(client: async_nats::Client, mut stored: watch::Receiver<u64>) {
+    while stored.changed().await.is_ok() {
+        let sequence = *stored.borrow_and_update();
+        if let Err(e) = client
+            .publish(HEAD_SUBJECT, Bytes::from(sequence.to_string()))
+            .await
+        {
+            tracing::debug!(error = %e, "announcing the head");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

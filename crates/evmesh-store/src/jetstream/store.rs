@@ -91,7 +91,10 @@ async fn publish(log: JetStreamLog, mut queue: mpsc::Receiver<Queued>, window: u
                     continue;
                 };
                 match outcome {
-                    Outcome::Stored(appended) => settle(&mut open, Ok(appended)),
+                    Outcome::Stored(appended) => {
+                        log.stored(&appended, event);
+                        settle(&mut open, Ok(appended));
+                    }
                     Outcome::Unknown(why) => {
                         tracing::debug!(event_id = %event.id, error = %why, "publish outcome unknown; resending in order");
                         // One deadline for the whole window: when the cluster is
@@ -110,6 +113,9 @@ async fn publish(log: JetStreamLog, mut queue: mpsc::Receiver<Queued>, window: u
                                 Some(appended) => Ok(appended),
                                 None => log.publish_until_answered(&event, deadline).await,
                             };
+                            if let Ok(appended) = &answer {
+                                log.stored(appended, event);
+                            }
                             settle(&mut open, answer);
                         }
                     }
