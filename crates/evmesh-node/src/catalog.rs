@@ -232,6 +232,8 @@ pub(crate) struct Catalogs {
     base: ReflectionIndex,
     current: RwLock<Arc<Catalog>>,
     older: Arc<OlderVersions>,
+    /// One change at a time: each builds on the catalog the last one installed.
+    writing: std::sync::Mutex<()>,
 }
 
 impl Catalogs {
@@ -247,6 +249,7 @@ impl Catalogs {
             base: index,
             current: RwLock::new(Arc::default()),
             older: Arc::default(),
+            writing: std::sync::Mutex::new(()),
         };
         catalogs.replace(BTreeMap::new());
         Ok(catalogs)
@@ -262,6 +265,17 @@ impl Catalogs {
     /// Installs these schemas, rebuilding the reflection index: the node's own files
     /// first, then the latest version of each type.
     pub(crate) fn replace(&self, types: BTreeMap<String, Versions>) {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.install(types);
+    }
+
+    /// Installs the current schemas and one more version ([`Catalogs::with`]).
+    pub(crate) fn add(&self, event_type: &str, version: Version, entry: Entry) {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.install(self.with(event_type, version, entry));
+    }
+
+    fn install(&self, types: BTreeMap<String, Versions>) {
         let mut reflection = self.base.clone();
         for (event_type, versions) in &types {
             if let Some((version, latest)) = versions.iter().next_back() {
@@ -312,15 +326,10 @@ impl Catalogs {
         None
     }
 
-    /// A copy of the current types with one more version, to install with `replace`.
+    /// A copy of the current types with one more version.
     /// Only the latest version of the type stays compiled: a version that is no
     /// longer the latest moves its compiled schema to the cache of older versions.
-    pub(crate) fn with(
-        &self,
-        event_type: &str,
-        version: Version,
-        entry: Entry,
-    ) -> BTreeMap<String, Versions> {
+    fn with(&self, event_type: &str, version: Version, entry: Entry) -> BTreeMap<String, Versions> {
         let mut types = self.load().types.clone();
         let versions = types.entry(event_type.to_owned()).or_default();
         versions.insert(version, Arc::new(entry));
@@ -507,11 +516,11 @@ mod tests {
         let catalogs = Catalogs::new(&[]).expect("no base");
         let v = |minor| Version::new(1, minor, 0);
         for (minor, added) in [(0, 0), (2, 2), (3, 3)] {
-            catalogs.replace(catalogs.with("t", v(minor), entry(3, added)));
+            catalogs.add("t", v(minor), entry(3, added));
             assert_eq!(compiled(&catalogs.load(), "t"), [v(minor)]);
         }
         // One registered between two others is not the latest either.
-        catalogs.replace(catalogs.with("t", v(1), entry(3, 1)));
+        catalogs.add("t", v(1), entry(3, 1));
         let catalog = catalogs.load();
         assert_eq!(compiled(&catalog, "t"), [v(3)]);
         // Each older version still resolves to its own content.

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 mod catalog;
 mod convert;
 pub mod envelope;
+mod follow;
 mod listener;
 mod mesh;
 mod reflection;
@@ -114,6 +115,17 @@ pub async fn serve<S: Store>(
     ])?);
     let schemas = registry::load(&store, &catalogs).await?;
     tracing::info!(schemas, "schemas loaded");
+    // Other nodes register in a shared store: follow them.
+    let changes = store.schema_changes();
+    let read_through = follow::ReadThrough::new(changes.is_some());
+    if let Some(changes) = changes {
+        follow::follow(
+            store.clone(),
+            catalogs.clone(),
+            read_through.clone(),
+            changes,
+        );
+    }
     let mesh = MeshServer::new(mesh::MeshService::new(
         store.clone(),
         config.limits.clone(),
@@ -121,6 +133,7 @@ pub async fn serve<S: Store>(
         config.allow_unregistered,
         config.trace_events,
         down_rx.clone(),
+        read_through,
     ))
     .max_decoding_message_size(decode_limit)
     .max_encoding_message_size(decode_limit);

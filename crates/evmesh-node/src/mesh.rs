@@ -48,6 +48,7 @@ pub(crate) struct MeshService<S> {
     allow_unregistered: bool,
     trace_events: bool,
     shutdown: watch::Receiver<bool>,
+    read_through: crate::follow::ReadThrough,
 }
 
 impl<S: Store> MeshService<S> {
@@ -58,6 +59,7 @@ impl<S: Store> MeshService<S> {
         allow_unregistered: bool,
         trace_events: bool,
         shutdown: watch::Receiver<bool>,
+        read_through: crate::follow::ReadThrough,
     ) -> Self {
         Self {
             store,
@@ -66,6 +68,7 @@ impl<S: Store> MeshService<S> {
             allow_unregistered,
             trace_events,
             shutdown,
+            read_through,
         }
     }
 
@@ -77,7 +80,22 @@ impl<S: Store> MeshService<S> {
             allow_unregistered: self.allow_unregistered,
             trace_events: self.trace_events,
             shutdown: self.shutdown.clone(),
+            read_through: self.read_through.clone(),
         }
+    }
+
+    /// The catalog to judge these requests by, with what they name and it lacks read
+    /// through from the store, when other nodes register there too.
+    async fn catalog_for(&self, requests: &[pb::PublishRequest]) -> Arc<Catalog> {
+        let catalog = self.catalogs.load();
+        if self
+            .read_through
+            .before(&self.store, &self.catalogs, &catalog, requests)
+            .await
+        {
+            return self.catalogs.load();
+        }
+        catalog
     }
 
     /// The envelope checks, then the payload against its registered schema. A panic
@@ -192,7 +210,7 @@ impl<S: Store> MeshService<S> {
     async fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
         let mut slots = Vec::with_capacity(requests.len());
         let mut events = Vec::with_capacity(requests.len());
-        let catalog = self.catalogs.load();
+        let catalog = self.catalog_for(&requests).await;
         compile_older_versions(&catalog, &requests).await;
         for request in requests {
             match self.accept(&catalog, request.event) {
@@ -586,8 +604,10 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let request = request.into_inner();
+        let catalog = self.catalog_for(std::slice::from_ref(&request)).await;
         let event = self
-            .accept(&self.catalogs.load(), request.into_inner().event)
+            .accept(&catalog, request.event)
             .map_err(|r| r.to_status())?;
         let (id, correlation) = (event.id.clone(), event.correlation_id.clone());
         let span = crate::trace::append_span(&event, self.trace_events);

@@ -342,7 +342,7 @@ impl<S: Store> RegistryService<S> {
         let catalogs = self.catalogs.clone();
         let (installed, version) = (event_type.clone(), decision.version.clone());
         off_runtime(move || {
-            catalogs.replace(catalogs.with(&installed, version, entry));
+            catalogs.add(&installed, version, entry);
             Ok(())
         })
         .await?;
@@ -355,46 +355,9 @@ impl<S: Store> RegistryService<S> {
         }))
     }
 
-    /// Reads a type's versions from the store again and installs those the catalog
-    /// lacks (registered by another node): older ones as stored bytes, a new latest
-    /// compiled.
+    /// Reads a type's versions from the store again (see [`refresh`]).
     async fn refresh(&self, event_type: &str) -> Result<(), Status> {
-        let records = self.store.schemas_of(event_type).await.map_err(status)?;
-        let catalogs = self.catalogs.clone();
-        let event_type = event_type.to_owned();
-        off_runtime(move || {
-            let held = catalogs.load();
-            let known = held.types.get(&event_type);
-            let latest = records
-                .iter()
-                .map(|r| &r.version)
-                .chain(known.into_iter().flat_map(|v| v.keys()))
-                .max()
-                .cloned();
-            let mut missing: Vec<SchemaRecord> = records
-                .into_iter()
-                .filter(|r| known.is_none_or(|v| !v.contains_key(&r.version)))
-                .collect();
-            missing.sort_by(|a, b| a.version.cmp(&b.version));
-            for record in missing {
-                let mut entry = Entry::stored(
-                    record.message_name,
-                    record.descriptor_set,
-                    record.registered_at,
-                );
-                if Some(&record.version) == latest.as_ref() {
-                    entry = entry.promoted().map_err(|e| {
-                        Status::internal(format!(
-                            "version {} of {event_type}, registered on another node, does not compile here: {e}",
-                            record.version
-                        ))
-                    })?;
-                }
-                catalogs.replace(catalogs.with(&event_type, record.version, entry));
-            }
-            Ok(())
-        })
-        .await
+        refresh(&self.store, &self.catalogs, event_type).await
     }
 }
 
@@ -575,4 +538,50 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
             .collect();
         Ok(Response::new(pb::ListSchemasResponse { schemas, more }))
     }
+}
+
+/// Reads a type's versions from the store again and installs those the catalog
+/// lacks (registered by another node): older ones as stored bytes, a new latest
+/// compiled.
+pub(crate) async fn refresh<S: Store>(
+    store: &S,
+    catalogs: &Arc<Catalogs>,
+    event_type: &str,
+) -> Result<(), Status> {
+    let records = store.schemas_of(event_type).await.map_err(status)?;
+    let catalogs = catalogs.clone();
+    let event_type = event_type.to_owned();
+    off_runtime(move || {
+        let held = catalogs.load();
+        let known = held.types.get(&event_type);
+        let latest = records
+            .iter()
+            .map(|r| &r.version)
+            .chain(known.into_iter().flat_map(|v| v.keys()))
+            .max()
+            .cloned();
+        let mut missing: Vec<SchemaRecord> = records
+            .into_iter()
+            .filter(|r| known.is_none_or(|v| !v.contains_key(&r.version)))
+            .collect();
+        missing.sort_by(|a, b| a.version.cmp(&b.version));
+        for record in missing {
+            let mut entry = Entry::stored(
+                record.message_name,
+                record.descriptor_set,
+                record.registered_at,
+            );
+            if Some(&record.version) == latest.as_ref() {
+                entry = entry.promoted().map_err(|e| {
+                    Status::internal(format!(
+                        "version {} of {event_type}, registered on another node, does not compile here: {e}",
+                        record.version
+                    ))
+                })?;
+            }
+            catalogs.add(&event_type, record.version, entry);
+        }
+        Ok(())
+    })
+    .await
 }

@@ -264,6 +264,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         event_type: &str,
     ) -> impl Future<Output = Result<Vec<SchemaRecord>>> + Send;
 
+    /// Registrations made by other nodes on the same storage, as they happen: the
+    /// type whose versions changed, or `None` when some may have been missed (read
+    /// every schema again). `None` for a store no other node writes (the embedded
+    /// log). Each call starts a feed of its own.
+    fn schema_changes(&self) -> Option<tokio::sync::mpsc::Receiver<Option<String>>> {
+        None
+    }
+
     /// Finishes what is in flight, persists group state and stops.
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send;
 

@@ -112,14 +112,16 @@ impl TestNode {
     /// A lenient node over the JetStream cluster that `jetstream` names, which the
     /// caller runs.
     pub async fn on_jetstream(jetstream: evmesh_store::jetstream::JetStreamConfig) -> Self {
+        Self::on_jetstream_with(jetstream, Self::lenient()).await
+    }
+
+    /// A node with `config` over the JetStream cluster that `jetstream` names.
+    pub async fn on_jetstream_with(
+        jetstream: evmesh_store::jetstream::JetStreamConfig,
+        config: evmesh_node::NodeConfig,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut node = Self::serve(
-            Backend::JetStream,
-            dir.path(),
-            Self::lenient(),
-            Some(jetstream),
-        )
-        .await;
+        let mut node = Self::serve(Backend::JetStream, dir.path(), config, Some(jetstream)).await;
         node._dir = Some(dir);
         node
     }

@@ -373,3 +373,90 @@ fn old_nats_server() -> std::path::PathBuf {
     );
     path
 }
+
+/// A schema registered on one node validates publishes on another at once (read
+/// through when its catalog has not caught up), a new version too, and the other
+/// node's reflection serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_registered_on_one_node_is_known_on_every_node() {
+    let server = NatsServer::start().await;
+    let strict = evmesh_node::NodeConfig::default();
+    let a = TestNode::on_jetstream_with(config(&server), strict.clone()).await;
+    let b = TestNode::on_jetstream_with(config(&server), strict).await;
+    let mut b_client = b.client().await;
+    let order = |version: &str| pb::Event {
+        schema_version: version.into(),
+        payload: Some(prost_types::Any {
+            type_url: "type.googleapis.com/shop.v1.OrderPlaced".into(),
+            value: b"\x0a\x03o-1".to_vec(),
+        }),
+        ..event("", "o-1")
+    };
+    let publish_on_b = |version: &'static str| {
+        let mut client = b_client.clone();
+        let event = order(version);
+        async move {
+            let response = client
+                .publish_event(pb::PublishRequest { event: Some(event) })
+                .await
+                .unwrap()
+                .into_inner();
+            match response.result {
+                Some(pb::publish_response::Result::Ack(_)) => {}
+                other => panic!("version {version:?}: expected an ack, got {other:?}"),
+            }
+        }
+    };
+
+    register(
+        &a,
+        "shop.order.placed",
+        "1.0.0",
+        "shop.v1.OrderPlaced",
+        order_schema("string order_id = 1;"),
+    )
+    .await
+    .unwrap();
+    publish_on_b("").await;
+
+    register(
+        &a,
+        "shop.order.placed",
+        "1.1.0",
+        "shop.v1.OrderPlaced",
+        order_schema("string order_id = 1; string coupon = 2;"),
+    )
+    .await
+    .unwrap();
+    publish_on_b("1.1.0").await;
+    let chain = b_client
+        .get_chain(pb::GetChainRequest {
+            correlation_id: "o-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let versions: Vec<String> = chain
+        .events
+        .into_iter()
+        .filter_map(|c| c.event.map(|e| e.schema_version))
+        .collect();
+    assert_eq!(versions, ["1.0.0", "1.1.0"]);
+
+    // B's reflection describes the latest version.
+    let addr = b.addr.to_string();
+    eventually("reflection on the other node", || {
+        let addr = addr.clone();
+        async move {
+            let out = std::process::Command::new(require_tool("grpcurl"))
+                .args(["-plaintext", &addr, "describe", "shop.v1.OrderPlaced"])
+                .output()
+                .expect("run grpcurl");
+            String::from_utf8_lossy(&out.stdout)
+                .contains("coupon")
+                .then_some(())
+        }
+    })
+    .await;
+}

@@ -231,9 +231,19 @@ impl JetStreamLog {
         }
         let js = jetstream::new(client.clone());
         js.query_account().await.map_err(|e| {
-            StoreError::FailedPrecondition(format!(
-                "JetStream is not enabled on this NATS account or server ({e}): run nats-server with --jetstream"
-            ))
+            use jetstream::context::AccountErrorKind;
+            match e.kind() {
+                AccountErrorKind::JetStream(_) | AccountErrorKind::JetStreamUnavailable => {
+                    StoreError::FailedPrecondition(format!(
+                        "JetStream is not enabled on this NATS account or server ({e}): run nats-server with --jetstream"
+                    ))
+                }
+                // A cluster electing its leaders answers late: not a refusal.
+                AccountErrorKind::TimedOut | AccountErrorKind::Other => unavailable(
+                    "JetStream did not answer the account check; is the cluster electing its leaders?",
+                    e,
+                ),
+            }
         })?;
         ensure_stream(&js, events_stream(config)).await?;
         ensure_stream(&js, dlq_stream(config)).await?;
@@ -592,6 +602,46 @@ impl JetStreamLog {
             }
         }
         Ok(records)
+    }
+
+    /// The types whose versions change, as any node registers one: a watch of the
+    /// head keys. Each time a watch opens, the first time too, the feed says `None`
+    /// (read everything again: what changed before it opened), and when it breaks
+    /// (a server restart can end it, nats.rs #1596) it watches anew. Ends when the
+    /// receiver goes.
+    pub fn schema_changes(&self) -> tokio::sync::mpsc::Receiver<Option<String>> {
+        use futures_util::StreamExt as _;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let schemas = self.schemas.clone();
+        tokio::spawn(async move {
+            loop {
+                match schemas.watch("head.>").await {
+                    Ok(mut changes) => {
+                        if tx.send(None).await.is_err() {
+                            return;
+                        }
+                        while let Some(change) = changes.next().await {
+                            let Ok(entry) = change else {
+                                break;
+                            };
+                            let Some(event_type) = entry.key.strip_prefix("head.") else {
+                                continue;
+                            };
+                            if tx.send(Some(event_type.to_owned())).await.is_err() {
+                                return;
+                            }
+                        }
+                        tracing::debug!("the schema watch ended; watching again");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "watching schema heads"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
     }
 
     /// The stored versions of one type.

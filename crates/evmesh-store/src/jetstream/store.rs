@@ -267,6 +267,10 @@ impl Store for JetStreamStore {
         self.log.connected()
     }
 
+    fn schema_changes(&self) -> Option<mpsc::Receiver<Option<String>>> {
+        Some(self.log.schema_changes())
+    }
+
     async fn shutdown(&self) -> Result<()> {
         self.groups.stop();
         self.registry.stop().await;
