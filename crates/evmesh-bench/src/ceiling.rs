@@ -101,6 +101,13 @@ impl pb::mesh_server::Mesh for Echo {
     ) -> Result<tonic::Response<pb::DeleteGroupResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented(""))
     }
+
+    async fn list_nodes(
+        &self,
+        _: tonic::Request<pb::ListNodesRequest>,
+    ) -> Result<tonic::Response<pb::ListNodesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
 }
 
 /// Starts the ceiling server on its own 2-thread runtime; returns its address.

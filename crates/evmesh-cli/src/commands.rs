@@ -685,3 +685,66 @@ pub(crate) async fn health(args: HealthArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(clap::Args)]
+pub(crate) struct NodesArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArg,
+    /// One JSON object per node instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The nodes of the mesh: name, address, since when, and the groups each serves
+/// with their members there; `*` marks the node that answered.
+pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.node.server).await?;
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .nodes;
+    let groups = |n: &pb::NodeInfo| {
+        n.groups
+            .iter()
+            .map(|g| format!("{} ({} members)", g.name, g.members))
+            .collect::<Vec<_>>()
+    };
+    if args.json {
+        for n in &nodes {
+            let line = serde_json::json!({
+                "name": n.name,
+                "address": n.address,
+                "startedAt": output::time(n.started_at.as_ref()),
+                "seenAt": output::time(n.seen_at.as_ref()),
+                "thisNode": n.this_node,
+                "groups": n.groups.iter().map(|g| serde_json::json!({"name": g.name, "members": g.members})).collect::<Vec<_>>(),
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                format!("{}{}", n.name, if n.this_node { " *" } else { "" }),
+                n.address.clone(),
+                output::time(n.started_at.as_ref())
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned(),
+                match groups(n) {
+                    g if g.is_empty() => "-".to_owned(),
+                    g => g.join(", "),
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        output::table(&["NODE", "ADDRESS", "STARTED", "GROUPS"], &rows)
+    );
+    Ok(())
+}

@@ -39,6 +39,7 @@ impl Command {
             Command::Dlq(a) => Some(&mut a.node),
             Command::Schema(a) => Some(&mut a.node),
             Command::Health(a) => Some(&mut a.node),
+            Command::Nodes(a) => Some(&mut a.node),
         }
     }
 }
@@ -61,6 +62,8 @@ enum Command {
     Schema(schema::SchemaArgs),
     /// Whether a node answers and serves: SERVING, or why not.
     Health(commands::HealthArgs),
+    /// The nodes of the mesh and the durable groups each one serves.
+    Nodes(commands::NodesArgs),
 }
 
 #[derive(clap::Args)]
@@ -107,6 +110,14 @@ pub(crate) struct ServeArgs {
     /// (comma-separated URLs) instead of the embedded log.
     #[arg(long, env = "EVMESH_NATS", value_delimiter = ',')]
     nats: Vec<String>,
+    /// The node's name in the mesh, unique among its nodes (default: the host's
+    /// name and the port it listens on).
+    #[arg(long, env = "EVMESH_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// Where clients reach the node, as `evmesh nodes` shows it (default: the
+    /// address it listens on, the host's name when that is 0.0.0.0).
+    #[arg(long, env = "EVMESH_ADVERTISE", value_name = "URL")]
+    advertise: Option<String>,
     /// Replicas of the streams and buckets the node creates on NATS.
     #[arg(
         long,
@@ -199,6 +210,7 @@ fn main() -> ExitCode {
             Command::Dlq(args) => commands::dlq(args).await,
             Command::Schema(args) => schema::run(args).await,
             Command::Health(args) => commands::health(args).await,
+            Command::Nodes(args) => commands::nodes(args).await,
         }
     });
     match result {

@@ -101,6 +101,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         allow_unregistered: args.allow_unregistered,
         trace_events: exporting,
+        node_name: args.node_name.clone(),
+        advertise: args.advertise.clone(),
         ..NodeConfig::default()
     };
     if args.nats.is_empty() {

@@ -16,7 +16,10 @@ use support::{BIN, Served, assert_ok, free_port};
 
 /// A node on the NATS server at `nats`, over a data directory of its own.
 fn node(dir: &Path, name: &str, nats: &str) -> Served {
-    Served::start_with(&dir.join(name), &["--allow-unregistered", "--nats", nats])
+    Served::start_with(
+        &dir.join(name),
+        &["--allow-unregistered", "--nats", nats, "--node-name", name],
+    )
 }
 
 /// Two nodes, `a` and `b`, on one nats-server of their own.
@@ -224,4 +227,90 @@ fn a_consumer_joins_its_group_again_through_the_next_node() {
         consumer.stop().await.unwrap();
     });
     drop(b);
+}
+
+/// `evmesh nodes`: every node of the mesh with the groups it serves and their
+/// members there; a node that stops is gone from the list within its announcement's
+/// lifetime. With the embedded log, the node alone.
+#[test]
+fn nodes_lists_the_mesh_and_its_groups() {
+    let TwoNodes {
+        runtime,
+        a,
+        b,
+        _nats,
+        dir,
+    } = TwoNodes::start();
+    let nodes = |server: &str| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(BIN)
+            .args(["nodes", "--json", "--server", server])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // A member of group audit joined through b.
+    let _member = runtime.block_on(async {
+        let mut client = pb::mesh_client::MeshClient::connect(b.url()).await.unwrap();
+        Sub::open(
+            &mut client,
+            pb::SubscribeOpen {
+                group: "audit".into(),
+                ..open(&["mesh.>"])
+            },
+        )
+        .await
+        .unwrap()
+    });
+    let deadline = std::time::Instant::now() + evmesh_tests::PATIENCE;
+    let listed = loop {
+        let listed = nodes(&a.addr);
+        let b_groups = listed
+            .iter()
+            .find(|n| n["name"] == "b")
+            .map(|n| n["groups"].clone());
+        if listed.len() == 2
+            && b_groups == Some(serde_json::json!([{"name": "audit", "members": 1}]))
+        {
+            break listed;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(listed[0]["name"], "a");
+    assert_eq!(listed[0]["thisNode"], true);
+    assert_eq!(listed[0]["address"], a.url());
+    assert_eq!(listed[0]["groups"], serde_json::json!([]));
+    assert_eq!(listed[1]["thisNode"], false);
+    assert_eq!(listed[1]["address"], b.url());
+
+    // The table, from b.
+    let out = std::process::Command::new(BIN)
+        .args(["nodes", "--server", &b.addr])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("b *") && table.contains("audit (1 members)"),
+        "{table}"
+    );
+
+    // b dies: it is gone from the list once its last announcement lapses (10 s).
+    b.kill_9();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while nodes(&a.addr).len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "b still listed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The embedded log: the node alone.
+    let alone = Served::start(&dir.path().join("alone"));
+    let listed = nodes(&alone.addr);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["thisNode"], true);
 }

@@ -22,6 +22,7 @@ pub mod envelope;
 mod follow;
 mod listener;
 mod mesh;
+mod nodes;
 mod reflection;
 mod registry;
 mod trace;
@@ -46,6 +47,12 @@ pub struct NodeConfig {
     pub trace_events: bool,
     /// How long a stopping node waits for clients to close their connections.
     pub shutdown_grace: std::time::Duration,
+    /// The node's name in the mesh; `None`: the host's name and the port it
+    /// listens on.
+    pub node_name: Option<String>,
+    /// Where clients reach the node, as `ListNodes` tells them; `None`: the
+    /// address it listens on (the host's name when that is unspecified).
+    pub advertise: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -57,6 +64,8 @@ impl Default for NodeConfig {
             allow_unregistered: false,
             trace_events: false,
             shutdown_grace: std::time::Duration::from_secs(10),
+            node_name: None,
+            advertise: None,
         }
     }
 }
@@ -69,6 +78,8 @@ pub enum NodeError {
     Transport(#[from] tonic::transport::Error),
     #[error("stopping the store: {0}")]
     Store(#[from] evmesh_store::StoreError),
+    #[error("the listening socket: {0}")]
+    Listener(#[from] std::io::Error),
 }
 
 /// Reports the node SERVING while its store can take publishes and NOT_SERVING
@@ -115,6 +126,8 @@ pub async fn serve<S: Store>(
     ])?);
     let schemas = registry::load(&store, &catalogs).await?;
     tracing::info!(schemas, "schemas loaded");
+    let identity = Arc::new(nodes::Identity::new(&config, listener.local_addr()?));
+    nodes::announce(store.clone(), identity.clone(), down_rx.clone());
     // Other nodes register in a shared store: follow them.
     let changes = store.schema_changes();
     let read_through = follow::ReadThrough::new(changes.is_some());
@@ -128,12 +141,11 @@ pub async fn serve<S: Store>(
     }
     let mesh = MeshServer::new(mesh::MeshService::new(
         store.clone(),
-        config.limits.clone(),
+        &config,
         catalogs.clone(),
-        config.allow_unregistered,
-        config.trace_events,
         down_rx.clone(),
         read_through,
+        identity,
     ))
     .max_decoding_message_size(decode_limit)
     .max_encoding_message_size(decode_limit);

@@ -49,26 +49,27 @@ pub(crate) struct MeshService<S> {
     trace_events: bool,
     shutdown: watch::Receiver<bool>,
     read_through: crate::follow::ReadThrough,
+    identity: Arc<crate::nodes::Identity>,
 }
 
 impl<S: Store> MeshService<S> {
     pub(crate) fn new(
         store: S,
-        limits: Limits,
+        config: &crate::NodeConfig,
         catalogs: Arc<Catalogs>,
-        allow_unregistered: bool,
-        trace_events: bool,
         shutdown: watch::Receiver<bool>,
         read_through: crate::follow::ReadThrough,
+        identity: Arc<crate::nodes::Identity>,
     ) -> Self {
         Self {
             store,
-            limits: Arc::new(limits),
+            limits: Arc::new(config.limits.clone()),
             catalogs,
-            allow_unregistered,
-            trace_events,
+            allow_unregistered: config.allow_unregistered,
+            trace_events: config.trace_events,
             shutdown,
             read_through,
+            identity,
         }
     }
 
@@ -81,6 +82,7 @@ impl<S: Store> MeshService<S> {
             trace_events: self.trace_events,
             shutdown: self.shutdown.clone(),
             read_through: self.read_through.clone(),
+            identity: self.identity.clone(),
         }
     }
 
@@ -598,6 +600,16 @@ impl<S: Store> Mesh for MeshService<S> {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        crate::nodes::list(&self.store, &self.identity)
+            .await
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn publish_event(

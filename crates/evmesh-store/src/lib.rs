@@ -95,6 +95,25 @@ pub struct Delivery {
     pub attempt: u32,
 }
 
+/// A node of the mesh, as it announces itself to the others.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    /// Unique in the mesh (`evmesh serve --node-name`).
+    pub name: String,
+    /// Where clients reach it (`--advertise`).
+    pub address: String,
+    pub started_at: SystemTime,
+    /// When it announced this.
+    pub seen_at: SystemTime,
+    /// The durable groups whose dispatcher runs on the node, with their members
+    /// there, by name.
+    pub groups: Vec<(String, u32)>,
+}
+
+/// How long a node's announcement stands: a node not heard of for this long is
+/// gone from the list.
+pub const NODE_TTL: Duration = Duration::from_secs(10);
+
 /// A durable group as seen from outside.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupInfo {
@@ -263,6 +282,23 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         event_type: &str,
     ) -> impl Future<Output = Result<Vec<SchemaRecord>>> + Send;
+
+    /// The durable groups whose dispatcher runs on this node, with their members
+    /// here, by name.
+    fn local_groups(&self) -> impl Future<Output = Vec<(String, u32)>> + Send;
+
+    /// Tells the other nodes on the same storage that this node is alive, as
+    /// `record` says; an announcement not renewed within [`NODE_TTL`] lapses. The
+    /// embedded log has no other nodes to tell.
+    fn announce_node(&self, record: NodeRecord) -> impl Future<Output = Result<()>> + Send {
+        let _ = record;
+        async { Ok(()) }
+    }
+
+    /// The nodes whose announcements stand, in no particular order.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRecord>>> + Send {
+        async { Ok(Vec::new()) }
+    }
 
     /// Registrations made by other nodes on the same storage, as they happen: the
     /// type whose versions changed, or `None` when some may have been missed (read

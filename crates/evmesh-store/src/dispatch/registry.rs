@@ -201,6 +201,20 @@ impl<L: GroupCatalog> GroupRegistry<L> {
             .count()
     }
 
+    /// The durable groups whose dispatcher runs here, with their members, by name.
+    pub(crate) async fn local(&self) -> Vec<(String, u32)> {
+        let mut local: Vec<(String, u32)> = self
+            .groups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, h)| !h.is_closed())
+            .map(|(name, h)| (name.clone(), h.members()))
+            .collect();
+        local.sort();
+        local
+    }
+
     /// Waits for every task to end (the store has signalled its shutdown).
     pub(crate) async fn stop(&self) {
         let tasks = std::mem::take(&mut self.tasks.lock().await.handles);

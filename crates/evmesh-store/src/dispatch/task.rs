@@ -152,9 +152,16 @@ pub(crate) struct GroupHandle {
     commands: mpsc::Sender<Command>,
     feedback: mpsc::Sender<(u64, Feedback)>,
     leave: mpsc::UnboundedSender<u64>,
+    /// Members joined now, as the dispatcher last counted them.
+    members: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl GroupHandle {
+    /// Members joined now.
+    pub(crate) fn members(&self) -> u32 {
+        self.members.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.commands.is_closed()
     }
@@ -217,6 +224,7 @@ struct Dispatcher<L> {
     commands: mpsc::Receiver<Command>,
     feedback: mpsc::Receiver<(u64, Feedback)>,
     leave: mpsc::UnboundedReceiver<u64>,
+    members: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// The receiving ends of a dispatcher's channels.
@@ -224,22 +232,26 @@ struct Inboxes {
     commands: mpsc::Receiver<Command>,
     feedback: mpsc::Receiver<(u64, Feedback)>,
     leave: mpsc::UnboundedReceiver<u64>,
+    members: Arc<std::sync::atomic::AtomicU32>,
 }
 
 fn channels(name: &str) -> (GroupHandle, Inboxes) {
     let (commands, commands_rx) = mpsc::channel(64);
     let (feedback, feedback_rx) = mpsc::channel(4096);
     let (leave, leave_rx) = mpsc::unbounded_channel();
+    let members = Arc::default();
     let handle = GroupHandle {
         name: name.to_owned(),
         commands,
         feedback,
         leave,
+        members: Arc::clone(&members),
     };
     let inboxes = Inboxes {
         commands: commands_rx,
         feedback: feedback_rx,
         leave: leave_rx,
+        members,
     };
     (handle, inboxes)
 }
@@ -252,6 +264,7 @@ impl<L: GroupLog> Dispatcher<L> {
                 commands,
                 feedback,
                 leave,
+                members,
             },
         ) = channels(&row.name);
         let config = GroupConfig {
@@ -271,6 +284,7 @@ impl<L: GroupLog> Dispatcher<L> {
             commands,
             feedback,
             leave,
+            members,
         };
         (dispatcher, handle)
     }
@@ -335,6 +349,10 @@ impl<L: GroupLog> Dispatcher<L> {
                 }
             }
             self.core.dispatch(Instant::now());
+            self.members.store(
+                u32::try_from(self.core.member_count()).unwrap_or(u32::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if self.deleted {
                 self.forget().await;
                 return;

@@ -32,6 +32,9 @@ pub const EVENTS_STREAM: &str = "EVMESH_EVENTS";
 pub const DLQ_STREAM: &str = "EVMESH_DLQ";
 /// The bucket of schema records.
 pub const SCHEMAS_BUCKET: &str = "EVMESH_SCHEMAS";
+/// The bucket where nodes announce themselves; an entry lapses after
+/// [`crate::NODE_TTL`].
+pub const NODES_BUCKET: &str = "EVMESH_NODES";
 /// The oldest server with what the backend needs (consumer reset, pinned clients,
 /// batch direct get, multi-filter consumers).
 pub const MIN_SERVER: semver::Version = semver::Version::new(2, 14, 0);
@@ -106,6 +109,7 @@ pub struct JetStreamLog {
     client: async_nats::Client,
     js: jetstream::Context,
     schemas: kv::Store,
+    nodes: kv::Store,
     publish_retry_for: Duration,
     /// The last sequence this node knows of, by its own publishes or others'.
     head: Arc<watch::Sender<u64>>,
@@ -248,6 +252,7 @@ impl JetStreamLog {
         ensure_stream(&js, events_stream(config)).await?;
         ensure_stream(&js, dlq_stream(config)).await?;
         let schemas = bucket(&js, SCHEMAS_BUCKET, config.replicas).await?;
+        let nodes = nodes_bucket(&js, config.replicas).await?;
         let last = last_sequence(&js).await?;
         let head = Arc::new(watch::Sender::new(last));
         let stored = Arc::new(watch::Sender::new(0));
@@ -257,6 +262,7 @@ impl JetStreamLog {
             client,
             js,
             schemas,
+            nodes,
             publish_retry_for: config.publish_retry_for,
             head,
             stored,
@@ -604,6 +610,38 @@ impl JetStreamLog {
         Ok(records)
     }
 
+    /// Announces this node (see [`crate::Store::announce_node`]): its record under a
+    /// key of its name, which lapses with the bucket's max age.
+    pub async fn announce_node(&self, record: &crate::NodeRecord) -> Result<()> {
+        let value = serde_json::to_vec(record)
+            .map_err(|e| StoreError::Backend(format!("encoding a node record: {e}").into()))?;
+        self.nodes
+            .put(node_key(&record.name), value.into())
+            .await
+            .map_err(|e| unavailable("announcing the node", e))?;
+        Ok(())
+    }
+
+    /// The nodes whose announcements stand.
+    pub async fn nodes(&self) -> Result<Vec<crate::NodeRecord>> {
+        let mut nodes = Vec::new();
+        for key in keys(&self.nodes, "listing nodes").await? {
+            let Some(value) = self
+                .nodes
+                .get(&key)
+                .await
+                .map_err(|e| unavailable("reading a node record", e))?
+            else {
+                continue;
+            };
+            match serde_json::from_slice(&value) {
+                Ok(record) => nodes.push(record),
+                Err(e) => tracing::warn!(key, error = %e, "a node record that does not decode"),
+            }
+        }
+        Ok(nodes)
+    }
+
     /// The types whose versions change, as any node registers one: a watch of the
     /// head keys. Each time a watch opens, the first time too, the feed says `None`
     /// (read everything again: what changed before it opened), and when it breaks
@@ -838,6 +876,32 @@ async fn announce_head(client: async_nats::Client, mut stored: watch::Receiver<u
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// A node's key: its name in base64url (a KV key holds no `:`).
+fn node_key(name: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "node.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name)
+    )
+}
+
+/// The nodes' bucket, whose entries lapse after [`crate::NODE_TTL`].
+async fn nodes_bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store> {
+    if let Ok(bucket) = js.get_key_value(NODES_BUCKET).await {
+        return Ok(bucket);
+    }
+    js.create_key_value(kv::Config {
+        bucket: NODES_BUCKET.into(),
+        history: 1,
+        max_age: crate::NODE_TTL,
+        num_replicas: replicas,
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| unavailable(&format!("creating the {NODES_BUCKET} bucket"), e))
 }
 
 /// The key listing a type's versions.

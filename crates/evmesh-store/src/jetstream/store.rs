@@ -214,6 +214,18 @@ impl Store for JetStreamStore {
         self.log.chain(correlation_id, after, limit).await
     }
 
+    async fn local_groups(&self) -> Vec<(String, u32)> {
+        self.registry.local().await
+    }
+
+    async fn announce_node(&self, record: crate::NodeRecord) -> Result<()> {
+        self.log.announce_node(&record).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<crate::NodeRecord>> {
+        self.log.nodes().await
+    }
+
     async fn groups(&self, after: &str, limit: usize) -> Result<Vec<GroupInfo>> {
         let mut infos = Vec::new();
         for name in self.groups.names().await? {

@@ -489,6 +489,10 @@ impl Store for SqliteStore {
         rows_to_events(rows)
     }
 
+    async fn local_groups(&self) -> Vec<(String, u32)> {
+        self.groups.local().await
+    }
+
     async fn groups(&self, after: &str, limit: usize) -> Result<Vec<GroupInfo>> {
         let names: Vec<String> =
             sqlx::query_scalar("SELECT name FROM groups WHERE name > ? ORDER BY name LIMIT ?")
