@@ -204,7 +204,19 @@ impl JetStreamGroups {
 
     /// Every durable group's name, in name order.
     pub(crate) async fn names(&self) -> Result<Vec<String>> {
-        let mut names = super::keys(&self.records, "listing groups").await?;
+        let mut names = Vec::new();
+        for name in super::keys(&self.records, ">", "listing groups").await? {
+            // A deleted group's marker holds its subject.
+            let live = self
+                .records
+                .get(&name)
+                .await
+                .map_err(|e| unavailable("reading a group", e))?
+                .is_some();
+            if live {
+                names.push(name);
+            }
+        }
         names.sort();
         Ok(names)
     }

@@ -602,7 +602,7 @@ impl JetStreamLog {
     /// Every stored schema version: those the types' heads list.
     pub async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
         let mut records = Vec::new();
-        for key in keys(&self.schemas, "listing schemas").await? {
+        for key in keys(&self.schemas, "head.>", "listing schemas").await? {
             if let Some(event_type) = key.strip_prefix("head.") {
                 records.extend(self.schemas_of(event_type).await?);
             }
@@ -625,7 +625,7 @@ impl JetStreamLog {
     /// The nodes whose announcements stand.
     pub async fn nodes(&self) -> Result<Vec<crate::NodeRecord>> {
         let mut nodes = Vec::new();
-        for key in keys(&self.nodes, "listing nodes").await? {
+        for key in keys(&self.nodes, ">", "listing nodes").await? {
             let Some(value) = self
                 .nodes
                 .get(&key)
@@ -777,16 +777,29 @@ enum Start {
     Time(String),
 }
 
-/// Every key of a bucket.
-pub(crate) async fn keys(bucket: &kv::Store, what: &str) -> Result<Vec<String>> {
+/// The keys of a bucket under `filter` (`>` for all), from the subjects its
+/// stream holds: one request (paged by the server), where async-nats's `keys()`
+/// runs a consumer and was seen to end before a key written just before. A key
+/// deleted or purged is listed too (its marker holds the subject): a caller reads
+/// each key and skips those with no value.
+pub(crate) async fn keys(bucket: &kv::Store, filter: &str, what: &str) -> Result<Vec<String>> {
     use futures_util::TryStreamExt as _;
-    bucket
-        .keys()
+    let subjects: Vec<(String, usize)> = bucket
+        .stream
+        .info_with_subjects(format!("{}{filter}", bucket.prefix))
         .await
         .map_err(|e| unavailable(what, e))?
         .try_collect()
         .await
-        .map_err(|e| unavailable(what, e))
+        .map_err(|e| unavailable(what, e))?;
+    Ok(subjects
+        .into_iter()
+        .filter_map(|(subject, _)| {
+            subject
+                .strip_prefix(bucket.prefix.as_str())
+                .map(str::to_owned)
+        })
+        .collect())
 }
 
 /// A KV bucket of one version a key, created when missing.
