@@ -190,7 +190,7 @@ impl Mesh {
     }
 
     /// Moves off the connection of generation `broken` (see [`Mesh::current`]).
-    pub(crate) async fn fail_over(&self, broken: u64) -> Result<nodes::Current> {
+    pub(crate) async fn fail_over(&self, broken: u64) -> Result<()> {
         self.nodes.fail_over(broken).await
     }
 

@@ -118,12 +118,13 @@ impl Nodes {
 
     /// Moves off the connection of generation `broken`: to the next node that
     /// answers, trying each once (the same one when it is alone). A caller whose
-    /// connection another caller has already replaced gets the new one at once.
-    pub(crate) async fn fail_over(&self, broken: u64) -> Result<Current> {
+    /// connection another caller has already replaced returns at once; the next
+    /// [`Nodes::current`] is the connection to use.
+    pub(crate) async fn fail_over(&self, broken: u64) -> Result<()> {
         let _moving = self.moving.lock().await;
         let now = self.current();
         if now.generation != broken {
-            return Ok(now);
+            return Ok(());
         }
         let n = self.endpoints.len();
         let mut last = None;
@@ -131,16 +132,15 @@ impl Nodes {
             let index = (now.index + step) % n;
             match self.endpoints[index].connect().await {
                 Ok(channel) => {
-                    let next = Current {
+                    if index != now.index {
+                        tracing::info!(from = %self.urls[now.index], to = %self.urls[index], "moved to another node");
+                    }
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current {
                         channel,
                         generation: now.generation + 1,
                         index,
                     };
-                    if index != now.index {
-                        tracing::info!(from = %self.urls[now.index], to = %self.urls[index], "moved to another node");
-                    }
-                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
-                    return Ok(next);
+                    return Ok(());
                 }
                 Err(e) => last = Some((index, e)),
             }

@@ -25,6 +25,18 @@ const TYPES_PER_BATCH: usize = 8;
 /// Misses remembered at most; beyond, they are forgotten all at once.
 const MISSES_KEPT: usize = 10_000;
 
+/// Whether `catalog` holds the schema `event` names: its type, and its version
+/// when it names one (an empty or malformed version is the latest, or refused by
+/// the envelope check).
+fn knows(catalog: &Catalog, event: &pb::Event) -> bool {
+    match catalog.types.get(&event.r#type) {
+        None => false,
+        Some(versions) => {
+            Version::parse(&event.schema_version).map_or(true, |v| versions.contains_key(&v))
+        }
+    }
+}
+
 /// Read-through for publishes. Cloning shares it.
 #[derive(Clone, Default)]
 pub(crate) struct ReadThrough {
@@ -42,7 +54,8 @@ impl ReadThrough {
     }
 
     /// Reads from the store the types (and versions) these requests name that
-    /// `catalog` lacks; true when the catalog changed.
+    /// `catalog` lacks; true when it read any (the catalog may have changed
+    /// meanwhile, by this or by the feed of registrations: load it again).
     pub(crate) async fn before<S: Store>(
         &self,
         store: &S,
@@ -53,37 +66,24 @@ impl ReadThrough {
         if !self.shared {
             return false;
         }
-        let mut wanted: Vec<&str> = Vec::new();
+        let mut wanted: Vec<&pb::Event> = Vec::new();
         for event in requests.iter().filter_map(|r| r.event.as_ref()) {
-            if wanted.len() == TYPES_PER_BATCH || wanted.contains(&event.r#type.as_str()) {
+            if wanted.len() == TYPES_PER_BATCH || wanted.iter().any(|w| w.r#type == event.r#type) {
                 continue;
             }
-            let known = match catalog.types.get(&event.r#type) {
-                None => false,
-                Some(versions) => match Version::parse(&event.schema_version) {
-                    Ok(version) => versions.contains_key(&version),
-                    // The latest, or a version string the envelope check refuses.
-                    Err(_) => true,
-                },
-            };
-            if !known && !self.missed_lately(&event.r#type) {
-                wanted.push(&event.r#type);
+            if !knows(catalog, event) && !self.missed_lately(&event.r#type) {
+                wanted.push(event);
             }
         }
-        let mut changed = false;
-        for event_type in wanted {
-            let before = catalogs.load().types.get(event_type).map(|v| v.len());
-            if let Err(e) = registry::refresh(store, catalogs, event_type).await {
-                tracing::warn!(event_type, error = %e.message(), "reading a schema through");
+        for event in &wanted {
+            if let Err(e) = registry::refresh(store, catalogs, &event.r#type).await {
+                tracing::warn!(event_type = %event.r#type, error = %e.message(), "reading a schema through");
             }
-            let after = catalogs.load().types.get(event_type).map(|v| v.len());
-            if after == before {
-                self.miss(event_type);
-            } else {
-                changed = true;
+            if !knows(&catalogs.load(), event) {
+                self.miss(&event.r#type);
             }
         }
-        changed
+        !wanted.is_empty()
     }
 
     fn missed_lately(&self, event_type: &str) -> bool {
@@ -93,12 +93,15 @@ impl ReadThrough {
             .is_some_and(|at| at.elapsed() < MISS_FOR)
     }
 
-    /// The type changed in the store: ask for it again.
-    fn forget(&self, event_type: &str) {
-        self.missed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(event_type);
+    /// The type changed in the store (every type, for `None`): ask again.
+    fn forget(&self, event_type: Option<&str>) {
+        let mut missed = self.missed.lock().unwrap_or_else(|e| e.into_inner());
+        match event_type {
+            Some(event_type) => {
+                missed.remove(event_type);
+            }
+            None => missed.clear(),
+        }
     }
 
     fn miss(&self, event_type: &str) {
@@ -122,24 +125,17 @@ pub(crate) fn follow<S: Store>(
 ) {
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
+            read_through.forget(change.as_deref());
             match change {
                 Some(event_type) => {
-                    read_through.forget(&event_type);
                     if let Err(e) = registry::refresh(&store, &catalogs, &event_type).await {
                         tracing::warn!(event_type, error = %e.message(), "reading a schema registered on another node");
                     }
                 }
-                None => {
-                    read_through
-                        .missed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clear();
-                    match registry::load(&store, &catalogs).await {
-                        Ok(schemas) => tracing::debug!(schemas, "schemas read again"),
-                        Err(e) => tracing::warn!(error = %e, "reading the schemas again"),
-                    }
-                }
+                None => match registry::load(&store, &catalogs).await {
+                    Ok(schemas) => tracing::debug!(schemas, "schemas read again"),
+                    Err(e) => tracing::warn!(error = %e, "reading the schemas again"),
+                },
             }
         }
     });
