@@ -708,7 +708,10 @@ pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
     let groups = |n: &pb::NodeInfo| {
         n.groups
             .iter()
-            .map(|g| format!("{} ({} members)", g.name, g.members))
+            .map(|g| {
+                let owner = if g.owner { ", owner" } else { "" };
+                format!("{} ({} members{owner})", g.name, g.members)
+            })
             .collect::<Vec<_>>()
     };
     if args.json {
@@ -719,7 +722,7 @@ pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
                 "startedAt": output::time(n.started_at.as_ref()),
                 "seenAt": output::time(n.seen_at.as_ref()),
                 "thisNode": n.this_node,
-                "groups": n.groups.iter().map(|g| serde_json::json!({"name": g.name, "members": g.members})).collect::<Vec<_>>(),
+                "groups": n.groups.iter().map(|g| serde_json::json!({"name": g.name, "members": g.members, "owner": g.owner})).collect::<Vec<_>>(),
             });
             println!("{line}");
         }

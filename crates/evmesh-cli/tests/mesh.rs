@@ -241,18 +241,7 @@ fn nodes_lists_the_mesh_and_its_groups() {
         _nats,
         dir,
     } = TwoNodes::start();
-    let nodes = |server: &str| -> Vec<serde_json::Value> {
-        let out = std::process::Command::new(BIN)
-            .args(["nodes", "--json", "--server", server])
-            .output()
-            .unwrap();
-        assert_ok(&out);
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let nodes = support::nodes_json;
     // A member of group audit joined through b.
     let _member = runtime.block_on(async {
         let mut client = pb::mesh_client::MeshClient::connect(b.url()).await.unwrap();
@@ -274,7 +263,7 @@ fn nodes_lists_the_mesh_and_its_groups() {
             .find(|n| n["name"] == "b")
             .map(|n| n["groups"].clone());
         if listed.len() == 2
-            && b_groups == Some(serde_json::json!([{"name": "audit", "members": 1}]))
+            && b_groups == Some(serde_json::json!([{"name": "audit", "members": 1, "owner": true}]))
         {
             break listed;
         }
@@ -296,7 +285,7 @@ fn nodes_lists_the_mesh_and_its_groups() {
     assert_ok(&out);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(
-        table.contains("b *") && table.contains("audit (1 members)"),
+        table.contains("b *") && table.contains("audit (1 members, owner)"),
         "{table}"
     );
 

@@ -113,7 +113,11 @@ pub(crate) async fn list<S: Store>(
             groups: r
                 .groups
                 .into_iter()
-                .map(|(name, members)| pb::NodeGroup { name, members })
+                .map(|g| pb::NodeGroup {
+                    name: g.name,
+                    members: g.members,
+                    owner: g.owner,
+                })
                 .collect(),
         })
         .collect();

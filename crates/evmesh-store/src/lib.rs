@@ -105,9 +105,18 @@ pub struct NodeRecord {
     pub started_at: SystemTime,
     /// When it announced this.
     pub seen_at: SystemTime,
-    /// The durable groups whose dispatcher runs on the node, with their members
-    /// there, by name.
-    pub groups: Vec<(String, u32)>,
+    /// The durable groups the node owns or has members of, by name.
+    pub groups: Vec<NodeGroup>,
+}
+
+/// A durable group as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeGroup {
+    pub name: String,
+    /// Members joined through the node.
+    pub members: u32,
+    /// The node owns the group: its dispatcher runs there.
+    pub owner: bool,
 }
 
 /// How long a node's announcement stands: a node not heard of for this long is
@@ -115,7 +124,7 @@ pub struct NodeRecord {
 pub const NODE_TTL: Duration = Duration::from_secs(10);
 
 /// A durable group as seen from outside.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GroupInfo {
     pub name: String,
     pub patterns: Vec<String>,
@@ -283,9 +292,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         event_type: &str,
     ) -> impl Future<Output = Result<Vec<SchemaRecord>>> + Send;
 
-    /// The durable groups whose dispatcher runs on this node, with their members
-    /// here, by name.
-    fn local_groups(&self) -> impl Future<Output = Vec<(String, u32)>> + Send;
+    /// The durable groups this node owns or has members of, by name.
+    fn local_groups(&self) -> impl Future<Output = Vec<NodeGroup>> + Send;
 
     /// Tells the other nodes on the same storage that this node is alive, as
     /// `record` says; an announcement not renewed within [`NODE_TTL`] lapses. The

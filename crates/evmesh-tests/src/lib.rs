@@ -359,6 +359,33 @@ impl Sub {
         }
     }
 
+    /// The next delivery within `wait` (`Ok(None)` when none came), or how the
+    /// subscription ended (`Err(None)`: with OK), for a member whose node may die.
+    pub async fn poll(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<pb::Delivery>, Option<tonic::Status>> {
+        match tokio::time::timeout(wait, self.stream.message()).await {
+            Err(_) => Ok(None),
+            Ok(Ok(Some(pb::SubscribeResponse {
+                response: Some(pb::subscribe_response::Response::Delivery(d)),
+            }))) => Ok(Some(d)),
+            Ok(Ok(Some(other))) => panic!("not a delivery: {other:?}"),
+            Ok(Ok(None)) => Err(None),
+            Ok(Err(status)) => Err(Some(status)),
+        }
+    }
+
+    /// Sends a request when the subscription is still open; false when it is not.
+    pub async fn try_send(&self, request: pb::subscribe_request::Request) -> bool {
+        self.tx
+            .send(pb::SubscribeRequest {
+                request: Some(request),
+            })
+            .await
+            .is_ok()
+    }
+
     /// The next delivery; panics when none comes in time.
     pub async fn next(&mut self) -> pb::Delivery {
         self.try_next(PATIENCE).await.expect("a delivery in time")

@@ -111,6 +111,20 @@ impl Drop for Served {
     }
 }
 
+/// `evmesh nodes --json` through `server`: one value per node.
+pub fn nodes_json(server: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["nodes", "--json", "--server", server])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// A command that succeeded, or a panic showing its stderr.
 #[track_caller]
 pub fn assert_ok(out: &Output) {

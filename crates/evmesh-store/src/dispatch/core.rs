@@ -735,6 +735,72 @@ impl<O: Outlet> Core<O> {
         Ok((id, self.floor + 1))
     }
 
+    /// Deliveries a member already holds, handed out by the group's previous
+    /// owner (another node): in flight to it from now, with its attempts, their
+    /// aggregates held, so that nothing of theirs goes out meanwhile. An event
+    /// settled, parked, or in flight to another member, or whose aggregate another
+    /// event holds, is not taken: the member's ack of it is then ignored.
+    /// Returns the sequences taken.
+    pub(crate) fn adopt(
+        &mut self,
+        member: u64,
+        held: Vec<(Arc<StoredEvent>, u32)>,
+        now: Instant,
+    ) -> Vec<u64> {
+        let mut taken = Vec::new();
+        for (event, attempts) in held {
+            let seq = event.sequence;
+            let free = seq > self.floor
+                && !self.settled.contains(&seq)
+                && !self.in_flight.contains_key(&seq)
+                && !self.parked.contains_key(&seq);
+            let aggregate = event.event.aggregate_id.clone();
+            let holder = self.busy.get(&aggregate).copied();
+            if !free || (!aggregate.is_empty() && holder.is_some_and(|h| h != seq)) {
+                continue;
+            }
+            let Some(m) = self.members.iter_mut().find(|m| m.id == member) else {
+                return taken;
+            };
+            m.in_flight += 1;
+            self.ready.remove(&seq);
+            self.unloaded.remove(&seq);
+            if !aggregate.is_empty() {
+                self.busy.insert(aggregate, seq);
+            }
+            let deadline = after(now, self.config.ack_timeout);
+            self.deadlines.insert((deadline, seq));
+            self.in_flight.insert(
+                seq,
+                InFlight {
+                    pending: Pending {
+                        event,
+                        attempts: attempts.max(1),
+                    },
+                    member,
+                    deadline,
+                },
+            );
+            taken.push(seq);
+        }
+        taken
+    }
+
+    /// What each member holds now: sequence and attempt of every delivery not
+    /// settled, by member (for a handover to the group's next owner).
+    pub(crate) fn held(&self) -> HashMap<u64, Vec<(u64, u32)>> {
+        let mut held: HashMap<u64, Vec<(u64, u32)>> = HashMap::new();
+        for (&seq, flight) in &self.in_flight {
+            held.entry(flight.member)
+                .or_default()
+                .push((seq, flight.pending.attempts));
+        }
+        for list in held.values_mut() {
+            list.sort_unstable();
+        }
+        held
+    }
+
     /// Counts the lag again from the floor, at the next info.
     fn recount(&mut self) {
         self.scanned = self.floor;
@@ -928,6 +994,48 @@ mod tests {
         assert_eq!(inbox.take(), [(2, 1)]);
         ack(&mut core, &[2], now);
         assert_eq!(core.floor(), 5);
+    }
+
+    #[test]
+    fn deliveries_held_from_a_previous_owner_hold_their_aggregates() {
+        let now = Instant::now();
+        let mut core = group(true, 3);
+        let (b, from_b) = member(&mut core, 10);
+        let (c, from_c) = member(&mut core, 10);
+        // b holds 2 (aggregate a, its second attempt), c holds 3 (aggregate x).
+        let taken = core.adopt(b, vec![(event(2, "a"), 2)], now);
+        assert_eq!(taken, [2]);
+        assert_eq!(core.adopt(c, vec![(event(3, "x"), 1)], now), [3]);
+        // Another member's claim on a held event, or one that another event of its
+        // aggregate holds, is not taken.
+        assert_eq!(
+            core.adopt(c, vec![(event(2, "a"), 1)], now),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            core.adopt(c, vec![(event(1, "a"), 1)], now),
+            Vec::<u64>::new()
+        );
+        read(
+            &mut core,
+            &[(1, "q"), (2, "a"), (3, "x"), (4, "a"), (5, "x"), (6, "")],
+        );
+        core.dispatch(now);
+        let mut out = from_b.take();
+        out.extend(from_c.take());
+        out.sort_unstable();
+        // 2 and 3 are out already; 4 and 5 wait for them.
+        assert_eq!(out, [(1, 1), (6, 1)]);
+        assert_eq!(core.held().get(&b).map(Vec::len), Some(2));
+        // A nack of an adopted event counts on from its attempts.
+        nack(&mut core, 2, Duration::ZERO, now);
+        let mut out = from_b.take();
+        out.extend(from_c.take());
+        assert_eq!(out, [(2, 3)]);
+        ack(&mut core, &[3], now);
+        let mut out = from_b.take();
+        out.extend(from_c.take());
+        assert_eq!(out, [(5, 1)]);
     }
 
     #[test]

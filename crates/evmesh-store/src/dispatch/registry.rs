@@ -89,6 +89,16 @@ impl<L: GroupCatalog> GroupRegistry<L> {
         name: &str,
         create: Option<&SubscriptionSpec>,
     ) -> Result<(GroupHandle, bool)> {
+        self.handle(name, create, None).await
+    }
+
+    /// As `group`, a dispatcher spawned now dispatching nothing before `hold_until`.
+    pub(crate) async fn handle(
+        &self,
+        name: &str,
+        create: Option<&SubscriptionSpec>,
+        hold_until: Option<tokio::time::Instant>,
+    ) -> Result<(GroupHandle, bool)> {
         let mut groups = self.groups.lock().await;
         if let Some(handle) = groups.get(name)
             && !handle.is_closed()
@@ -112,7 +122,8 @@ impl<L: GroupCatalog> GroupRegistry<L> {
             }
             (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
         };
-        let (handle, task) = spawn_durable(self.log.clone(), row, self.groups.clone()).await?;
+        let (handle, task) =
+            spawn_durable(self.log.clone(), row, self.groups.clone(), hold_until).await?;
         self.tasks.lock().await.push(task);
         groups.insert(name.to_owned(), handle.clone());
         Ok((handle, created))

@@ -120,6 +120,9 @@ pub(crate) enum Command {
         max_in_flight: u32,
         tx: mpsc::Sender<Delivery>,
         failure: Arc<OnceLock<String>>,
+        /// Deliveries the member holds from the group's previous owner, with their
+        /// attempts: in flight to it from the start.
+        held: Vec<(u64, u32)>,
         reply: oneshot::Sender<Result<(u64, u64)>>,
     },
     Info(oneshot::Sender<Result<GroupInfo>>),
@@ -138,6 +141,19 @@ pub(crate) enum Command {
     },
     /// Deletes the group and its dead letters, and ends the dispatcher.
     Delete(oneshot::Sender<Result<u64>>),
+    /// The node no longer owns the group: ends the dispatcher at once, with no
+    /// checkpoint and nothing redelivered, answering what each member holds.
+    Abdicate(oneshot::Sender<Held>),
+}
+
+/// What each member of a group holds: sequence and attempt by member id.
+pub(crate) type Held = HashMap<u64, Vec<(u64, u32)>>;
+
+/// A member joined to a group's dispatcher.
+pub(crate) struct Joined {
+    pub member: u64,
+    pub start_sequence: u64,
+    pub control: SubscriptionControl,
 }
 
 /// The store's live durable dispatchers by group name. A dispatcher removes itself
@@ -182,31 +198,68 @@ impl GroupHandle {
             .max_in_flight
             .clamp(1, SubscriptionSpec::MAX_MAX_IN_FLIGHT);
         let (tx, deliveries) = mpsc::channel(max_in_flight as usize);
-        let (reply, answer) = oneshot::channel();
         let failure = Arc::new(OnceLock::new());
+        let joined = self
+            .join_with(
+                spec.patterns,
+                max_in_flight,
+                tx,
+                failure.clone(),
+                Vec::new(),
+            )
+            .await?;
+        Ok(Subscription {
+            group: self.name.clone(),
+            member_id: joined.member.to_string(),
+            created,
+            start_sequence: joined.start_sequence,
+            auto_ack: spec.auto_ack,
+            deliveries,
+            failure,
+            control: joined.control,
+        })
+    }
+
+    /// Joins a member whose deliveries go to `tx`, holding `held` (sequence and
+    /// attempt) from the group's previous owner.
+    pub(crate) async fn join_with(
+        &self,
+        patterns: Vec<Pattern>,
+        max_in_flight: u32,
+        tx: mpsc::Sender<Delivery>,
+        failure: Arc<OnceLock<String>>,
+        held: Vec<(u64, u32)>,
+    ) -> Result<Joined> {
+        let (reply, answer) = oneshot::channel();
         self.send(Command::Join {
-            patterns: spec.patterns,
+            patterns,
             max_in_flight,
             tx,
-            failure: failure.clone(),
+            failure,
+            held,
             reply,
         })
         .await?;
         let (member, start_sequence) = answer.await.map_err(|_| StoreError::ShuttingDown)??;
-        Ok(Subscription {
-            group: self.name.clone(),
-            member_id: member.to_string(),
-            created,
+        Ok(Joined {
+            member,
             start_sequence,
-            auto_ack: spec.auto_ack,
-            deliveries,
-            failure,
             control: SubscriptionControl {
                 member,
                 feedback: self.feedback.clone(),
                 _membership: Membership::new(member, self.leave.clone()),
             },
         })
+    }
+
+    /// Ends the dispatcher without a checkpoint: the node lost the group. What each
+    /// member held, for the next owner.
+    pub(crate) async fn abdicate(&self) -> Held {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Command::Abdicate(reply)).await.is_err() {
+            return Held::new();
+        }
+        answer.await.unwrap_or_default()
     }
 }
 
@@ -221,6 +274,11 @@ struct Dispatcher<L> {
     deleted: bool,
     /// Since when the group has been idle.
     idle_since: Option<Instant>,
+    /// Nothing is dispatched before this (a new owner waits for the members of
+    /// the last one to tell what they hold).
+    hold_until: Option<Instant>,
+    /// Set once the dispatcher handed its group over: it ends with no checkpoint.
+    abdicated: bool,
     commands: mpsc::Receiver<Command>,
     feedback: mpsc::Receiver<(u64, Feedback)>,
     leave: mpsc::UnboundedReceiver<u64>,
@@ -281,6 +339,8 @@ impl<L: GroupLog> Dispatcher<L> {
             registry: None,
             deleted: false,
             idle_since: None,
+            hold_until: None,
+            abdicated: false,
             commands,
             feedback,
             leave,
@@ -298,10 +358,12 @@ pub(crate) async fn spawn_durable<L: GroupLog>(
     log: Arc<L>,
     row: GroupRow,
     groups: Groups,
+    hold_until: Option<Instant>,
 ) -> Result<(GroupHandle, JoinHandle<()>)> {
     let restored = log.restore(&row.name).await?;
     let (mut dispatcher, handle) = Dispatcher::new(log, row, true);
     dispatcher.registry = Some((groups, handle.commands.clone()));
+    dispatcher.hold_until = hold_until;
     dispatcher.core.restore(
         restored.settled,
         restored.redrive,
@@ -338,6 +400,10 @@ impl<L: GroupLog> Dispatcher<L> {
             if *shutdown.borrow_and_update() {
                 break;
             }
+            if self.abdicated {
+                self.forget().await;
+                return;
+            }
             if let Err(e) = self.fill().await {
                 if e.is_corruption() {
                     self.fail_members(&e);
@@ -348,7 +414,13 @@ impl<L: GroupLog> Dispatcher<L> {
                     tracing::error!(group = %self.name(), error = %e, "reading the log");
                 }
             }
-            self.core.dispatch(Instant::now());
+            let now = Instant::now();
+            if self.hold_until.is_some_and(|until| until <= now) {
+                self.hold_until = None;
+            }
+            if self.hold_until.is_none() {
+                self.core.dispatch(now);
+            }
             self.members.store(
                 u32::try_from(self.core.member_count()).unwrap_or(u32::MAX),
                 std::sync::atomic::Ordering::Relaxed,
@@ -396,6 +468,7 @@ impl<L: GroupLog> Dispatcher<L> {
                 Some(command) = self.commands.recv() => self.on_command(command).await,
                 Ok(()) = head.changed(), if self.core.wants_events() => {}
                 () = sleep_until(wake), if wake.is_some() => self.core.expire(Instant::now()),
+                () = sleep_until(self.hold_until), if self.hold_until.is_some() => {}
                 _ = tick.tick() => {
                     if let Err(e) = self.checkpoint(None).await {
                         tracing::error!(group = %self.name(), error = %e, "checkpoint");
@@ -508,9 +581,21 @@ impl<L: GroupLog> Dispatcher<L> {
                 max_in_flight,
                 tx,
                 failure,
+                held,
                 reply,
             } => {
-                let _ = reply.send(self.join(patterns, max_in_flight, tx, failure).await);
+                let _ = reply.send(self.join(patterns, max_in_flight, tx, failure, held).await);
+            }
+            Command::Abdicate(reply) => {
+                // Acks that came first count for what is handed over.
+                while let Ok((_, feedback)) = self.feedback.try_recv() {
+                    self.core.feedback(feedback, Instant::now());
+                }
+                self.abdicated = true;
+                self.core.discard_changes();
+                self.commands.close();
+                let _ = reply.send(self.core.held());
+                tracing::info!(group = %self.name(), "group handed over");
             }
             Command::Info(reply) => {
                 let _ = reply.send(self.info().await);
@@ -545,13 +630,25 @@ impl<L: GroupLog> Dispatcher<L> {
         max_in_flight: u32,
         tx: mpsc::Sender<Delivery>,
         failure: Arc<OnceLock<String>>,
+        held: Vec<(u64, u32)>,
     ) -> Result<(u64, u64)> {
         if self.core.changes_patterns(&patterns)? && self.durable {
             self.log
                 .update_patterns(self.core.name(), &patterns)
                 .await?;
         }
-        self.core.join(patterns, max_in_flight, tx, failure)
+        let mut events = Vec::with_capacity(held.len());
+        for (seq, attempts) in held {
+            if let Some(event) = self.log.read_one(seq).await? {
+                events.push((event, attempts));
+            }
+        }
+        let (member, start) = self.core.join(patterns, max_in_flight, tx, failure)?;
+        if !events.is_empty() {
+            let taken = self.core.adopt(member, events, Instant::now());
+            tracing::debug!(group = %self.name(), member, adopted = taken.len(), "deliveries held from the last owner");
+        }
+        Ok((member, start))
     }
 
     async fn info(&mut self) -> Result<GroupInfo> {

@@ -639,7 +639,7 @@ mod tests {
             .await
             .unwrap();
         let stored = groups.group_row("billing.workers").await.unwrap().unwrap();
-        let (handle, task) = spawn_durable(groups.clone(), stored, Groups::default())
+        let (handle, task) = spawn_durable(groups.clone(), stored, Groups::default(), None)
             .await
             .unwrap();
         let spec = SubscriptionSpec {
@@ -703,7 +703,7 @@ mod tests {
         let other = open(&server).await;
         let stored = other.group_row("billing.workers").await.unwrap().unwrap();
         assert_eq!(stored.ack_floor, 4);
-        let (handle, task) = spawn_durable(other.clone(), stored, Groups::default())
+        let (handle, task) = spawn_durable(other.clone(), stored, Groups::default(), None)
             .await
             .unwrap();
         let mut sub = handle.join(spec, false).await.unwrap();

@@ -7,6 +7,7 @@
 //! departs from it.
 
 mod groups;
+mod mesh;
 mod store;
 mod subject;
 
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use crate::{Appended, Result, SchemaRecord, StoreError, StoredEvent};
 
 pub use groups::{GROUPS_BUCKET, JetStreamGroups};
+pub use mesh::OWNERS_BUCKET;
 pub use store::JetStreamStore;
 use subject::{EVENTS_PREFIX, PARTITIONS, chain_filter, event_subject};
 
@@ -410,6 +412,10 @@ impl JetStreamLog {
 
     pub(crate) fn context(&self) -> jetstream::Context {
         self.js.clone()
+    }
+
+    pub(crate) fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     /// The sequence of the first event stored at or after `time`, `None` when there
@@ -902,19 +908,30 @@ fn node_key(name: &str) -> String {
 
 /// The nodes' bucket, whose entries lapse after [`crate::NODE_TTL`].
 async fn nodes_bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store> {
-    if let Ok(bucket) = js.get_key_value(NODES_BUCKET).await {
+    lapsing_bucket(js, NODES_BUCKET, crate::NODE_TTL, replicas).await
+}
+
+/// A KV bucket in memory whose entries lapse `max_age` after their last write,
+/// created when missing.
+pub(crate) async fn lapsing_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store> {
+    if let Ok(bucket) = js.get_key_value(name).await {
         return Ok(bucket);
     }
     js.create_key_value(kv::Config {
-        bucket: NODES_BUCKET.into(),
+        bucket: name.into(),
         history: 1,
-        max_age: crate::NODE_TTL,
+        max_age,
         num_replicas: replicas,
         storage: stream::StorageType::Memory,
         ..Default::default()
     })
     .await
-    .map_err(|e| unavailable(&format!("creating the {NODES_BUCKET} bucket"), e))
+    .map_err(|e| unavailable(&format!("creating the {name} bucket"), e))
 }
 
 /// The key listing a type's versions.

@@ -8,8 +8,9 @@ use std::time::Instant;
 use evmesh_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
 
+use super::mesh::{AdminOp, Mesh};
 use super::{JetStreamConfig, JetStreamGroups, JetStreamLog, Outcome, Pending};
-use crate::dispatch::{Command, GroupCatalog, GroupRegistry};
+use crate::dispatch::{GroupCatalog, GroupLog as _, GroupRegistry};
 use crate::{
     AppendTicket, Appended, DeadLetter, GroupInfo, Result, SchemaRecord, StartPosition, Store,
     StoreError, StoredEvent, Subscription, SubscriptionSpec,
@@ -26,6 +27,8 @@ pub struct JetStreamStore {
     log: JetStreamLog,
     groups: Arc<JetStreamGroups>,
     registry: GroupRegistry<JetStreamGroups>,
+    /// Durable groups across the nodes: every call on one goes through here.
+    mesh: Mesh,
     publisher: mpsc::Sender<Queued>,
 }
 
@@ -36,8 +39,17 @@ impl JetStreamStore {
         let groups = JetStreamGroups::open(log.clone(), config.replicas).await?;
         let (publisher, queue) = mpsc::channel(QUEUED_BATCHES);
         tokio::spawn(publish(log.clone(), queue, config.publish_window));
+        let registry = GroupRegistry::new(groups.clone());
+        let mesh = Mesh::open(
+            log.clone(),
+            registry.clone(),
+            groups.watch_shutdown(),
+            config.replicas,
+        )
+        .await?;
         Ok(Self {
-            registry: GroupRegistry::new(groups.clone()),
+            registry,
+            mesh,
             log,
             groups,
             publisher,
@@ -202,7 +214,15 @@ impl Store for JetStreamStore {
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {
-        self.registry.subscribe(spec).await
+        if spec.patterns.is_empty() {
+            return Err(StoreError::InvalidArgument(
+                "at least one pattern is required".into(),
+            ));
+        }
+        match spec.group {
+            Some(_) => self.mesh.subscribe(spec).await,
+            None => self.registry.subscribe(spec).await,
+        }
     }
 
     async fn chain(
@@ -214,11 +234,12 @@ impl Store for JetStreamStore {
         self.log.chain(correlation_id, after, limit).await
     }
 
-    async fn local_groups(&self) -> Vec<(String, u32)> {
-        self.registry.local().await
+    async fn local_groups(&self) -> Vec<crate::NodeGroup> {
+        self.mesh.local_groups()
     }
 
     async fn announce_node(&self, record: crate::NodeRecord) -> Result<()> {
+        self.mesh.named(&record.name);
         self.log.announce_node(&record).await
     }
 
@@ -235,32 +256,41 @@ impl Store for JetStreamStore {
             if infos.len() >= limit {
                 break;
             }
-            infos.push(self.registry.ask(&name, Command::Info).await?);
+            infos.push(self.mesh.info(&name).await?);
         }
         Ok(infos)
     }
 
     async fn delete_group(&self, group: &str) -> Result<u64> {
-        self.registry.ask(group, Command::Delete).await
+        self.mesh.count(group, AdminOp::Delete).await
     }
 
     async fn seek(&self, group: &str, position: StartPosition) -> Result<GroupInfo> {
         let floor = self.groups.floor_for(position).await?;
-        self.registry.seek(group, floor).await
+        match self.mesh.admin(group, AdminOp::Seek(floor)).await? {
+            super::mesh::AdminAnswer::Info(info) => Ok(info),
+            _ => Err(StoreError::Backend(
+                "the owner answered a seek with something else".into(),
+            )),
+        }
     }
 
     async fn dead_letters(&self, group: &str, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {
         // The group's latest state first, so that what is listed is current.
-        self.registry.ask(group, Command::Flush).await?;
+        self.mesh.admin(group, AdminOp::Flush).await?;
         self.groups.dead_letters(group, after, limit).await
     }
 
     async fn redrive(&self, group: &str, sequences: &[u64]) -> Result<u64> {
-        self.registry.redrive(group, sequences).await
+        self.mesh
+            .count(group, AdminOp::Redrive(sequences.to_vec()))
+            .await
     }
 
     async fn purge(&self, group: &str, sequences: &[u64]) -> Result<u64> {
-        self.registry.purge(group, sequences).await
+        self.mesh
+            .count(group, AdminOp::Purge(sequences.to_vec()))
+            .await
     }
 
     async fn put_schema(&self, record: SchemaRecord, known: &[semver::Version]) -> Result<()> {
@@ -286,6 +316,7 @@ impl Store for JetStreamStore {
     async fn shutdown(&self) -> Result<()> {
         self.groups.stop();
         self.registry.stop().await;
+        self.mesh.stop().await;
         Ok(())
     }
 }

@@ -489,8 +489,17 @@ impl Store for SqliteStore {
         rows_to_events(rows)
     }
 
-    async fn local_groups(&self) -> Vec<(String, u32)> {
-        self.groups.local().await
+    async fn local_groups(&self) -> Vec<crate::NodeGroup> {
+        self.groups
+            .local()
+            .await
+            .into_iter()
+            .map(|(name, members)| crate::NodeGroup {
+                name,
+                members,
+                owner: true,
+            })
+            .collect()
     }
 
     async fn groups(&self, after: &str, limit: usize) -> Result<Vec<GroupInfo>> {
