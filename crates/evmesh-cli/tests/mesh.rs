@@ -12,7 +12,7 @@ use evmesh_tests::{NatsServer, Sub, event_with_id, open, v1 as pb};
 
 mod support;
 
-use support::{BIN, Served, assert_ok, free_port};
+use support::{BIN, Served, assert_ok, free_port, stored};
 
 /// A node on the NATS server at `nats`, over a data directory of its own.
 fn node(dir: &Path, name: &str, nats: &str) -> Served {
@@ -46,36 +46,6 @@ impl TwoNodes {
             dir,
         }
     }
-}
-
-/// Every event of `ty` in the log, read through `node`, of which there are
-/// `expected`: each id with its sequence; panics when an id is there twice.
-async fn stored(node: &str, ty: &str, expected: usize) -> HashMap<String, u64> {
-    let mut client = pb::mesh_client::MeshClient::connect(node.to_owned())
-        .await
-        .unwrap();
-    let mut sub = Sub::open(
-        &mut client,
-        pb::SubscribeOpen {
-            auto_ack: true,
-            ..open(&[ty])
-        },
-    )
-    .await
-    .unwrap();
-    let mut ids = HashMap::new();
-    for _ in 0..expected {
-        let d = sub.next().await;
-        let event = d.event.unwrap();
-        if let Some(first) = ids.insert(event.id.clone(), d.sequence) {
-            panic!("{} stored twice: at {first} and {}", event.id, d.sequence);
-        }
-    }
-    // Nothing more.
-    if let Some(extra) = sub.try_next(Duration::from_millis(500)).await {
-        panic!("more events than published: {extra:?}");
-    }
-    ids
 }
 
 /// kill -9 of the node a client publishes through, with publishes in flight: the
@@ -167,8 +137,6 @@ fn commands_take_several_nodes() {
 /// node had out come again, and every order is charged once and paid once.
 #[test]
 fn a_consumer_joins_its_group_again_through_the_next_node() {
-    use evmesh_client::Meta;
-    use evmesh_tests::shop::OrderPlaced;
     const ORDERS: usize = 300;
     let TwoNodes {
         runtime,
@@ -186,15 +154,7 @@ fn a_consumer_joins_its_group_again_through_the_next_node() {
         let consumer = evmesh_tests::payment_service(&service, pool.clone()).await;
         let shop = Mesh::connect(&b_url).await.unwrap();
         for i in 0..ORDERS {
-            let order = OrderPlaced {
-                order_id: format!("o-{i}"),
-                total_cents: 100,
-            };
-            let meta = Meta {
-                aggregate_id: format!("o-{i}"),
-                ..Meta::default()
-            };
-            shop.publish(&order, meta).await.unwrap();
+            support::place_order(&shop, i).await;
         }
         let charged = || async {
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM charges")

@@ -64,6 +64,7 @@ impl Identity {
             started_at: self.started_at,
             seen_at: SystemTime::now(),
             groups: store.local_groups().await,
+            instance: String::new(),
         }
     }
 }

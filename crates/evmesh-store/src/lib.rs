@@ -107,6 +107,10 @@ pub struct NodeRecord {
     pub seen_at: SystemTime,
     /// The durable groups the node owns or has members of, by name.
     pub groups: Vec<NodeGroup>,
+    /// This run of the node, as its storage names it (on JetStream, the inbox of
+    /// its relay); empty where the storage has no other nodes.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// A durable group as one node sees it.

@@ -2,6 +2,7 @@
 //! stopped by its PID.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -24,8 +25,14 @@ impl Served {
 
     /// `evmesh serve` on an ephemeral port over `data`; waits for its "serving" line.
     pub fn start_with(data: &Path, extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", data, extra)
+    }
+
+    /// `evmesh serve` listening on `listen` over `data`; waits for its "serving"
+    /// line.
+    pub fn start_on(listen: &str, data: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["serve", "--listen", listen, "--log-format", "json"])
             .args(extra)
             .env("EVMESH_DATA", data)
             .stderr(Stdio::piped())
@@ -109,6 +116,50 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Every event of `ty` in the log, read through `node`, of which there are
+/// `expected`: each id with its sequence; panics when an id is there twice.
+pub async fn stored(node: &str, ty: &str, expected: usize) -> HashMap<String, u64> {
+    let mut client = evmesh_tests::v1::mesh_client::MeshClient::connect(node.to_owned())
+        .await
+        .unwrap();
+    let mut sub = evmesh_tests::Sub::open(
+        &mut client,
+        evmesh_tests::v1::SubscribeOpen {
+            auto_ack: true,
+            ..evmesh_tests::open(&[ty])
+        },
+    )
+    .await
+    .unwrap();
+    let mut ids = HashMap::new();
+    for _ in 0..expected {
+        let d = sub.next().await;
+        let event = d.event.unwrap();
+        if let Some(first) = ids.insert(event.id.clone(), d.sequence) {
+            panic!("{} stored twice: at {first} and {}", event.id, d.sequence);
+        }
+    }
+    // Nothing more.
+    if let Some(extra) = sub.try_next(Duration::from_millis(500)).await {
+        panic!("more events than published: {extra:?}");
+    }
+    ids
+}
+
+/// Publishes order `o-{i}` (the test shop's `OrderPlaced`, 100 cents) on its own
+/// aggregate.
+pub async fn place_order(mesh: &evmesh_client::Mesh, i: usize) -> evmesh_client::pb::PublishAck {
+    let order = evmesh_tests::shop::OrderPlaced {
+        order_id: format!("o-{i}"),
+        total_cents: 100,
+    };
+    let meta = evmesh_client::Meta {
+        aggregate_id: format!("o-{i}"),
+        ..evmesh_client::Meta::default()
+    };
+    mesh.publish(&order, meta).await.unwrap()
 }
 
 /// `evmesh nodes --json` through `server`: one value per node.

@@ -96,7 +96,7 @@ pub(crate) struct ParkedRow {
 
 /// State changes not yet persisted: what a durable group's backend writes at its
 /// next checkpoint.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Changes {
     pub any: bool,
     /// Forget every settled sequence above the floor first (a seek).
@@ -878,6 +878,23 @@ impl<O: Outlet> Core<O> {
     /// The changes since the last call, to persist (none for an ephemeral group).
     pub(crate) fn take_changes(&mut self) -> Option<Changes> {
         (self.config.durable && self.changes.any).then(|| std::mem::take(&mut self.changes))
+    }
+
+    /// Changes a checkpoint failed to persist: kept, ahead of those made since,
+    /// for the next checkpoint (a backend applies each as a change to what it
+    /// holds, so a lost one would be lost for good).
+    pub(crate) fn keep_changes(&mut self, failed: Changes) {
+        if self.changes.reset {
+            // A seek since: it replaces everything before it.
+            return;
+        }
+        let newer = std::mem::replace(&mut self.changes, failed);
+        let merged = &mut self.changes;
+        merged.any = true;
+        merged.settled.extend(newer.settled);
+        merged.unredrive.extend(newer.unredrive);
+        merged.dead.extend(newer.dead);
+        merged.parked.extend(newer.parked);
     }
 
     /// Forgets the changes not persisted: the group is deleted.

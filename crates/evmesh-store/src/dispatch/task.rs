@@ -144,6 +144,9 @@ pub(crate) enum Command {
     /// The node no longer owns the group: ends the dispatcher at once, with no
     /// checkpoint and nothing redelivered, answering what each member holds.
     Abdicate(oneshot::Sender<Held>),
+    /// Dispatches from now on: every member that may hold deliveries from the
+    /// group's last owner has joined.
+    Dispatch,
 }
 
 /// What each member of a group holds: sequence and attempt by member id.
@@ -250,6 +253,11 @@ impl GroupHandle {
                 _membership: Membership::new(member, self.leave.clone()),
             },
         })
+    }
+
+    /// Lets a dispatcher spawned holding back dispatch now.
+    pub(crate) async fn dispatch(&self) {
+        let _ = self.send(Command::Dispatch).await;
     }
 
     /// Ends the dispatcher without a checkpoint: the node lost the group. What each
@@ -586,6 +594,7 @@ impl<L: GroupLog> Dispatcher<L> {
             } => {
                 let _ = reply.send(self.join(patterns, max_in_flight, tx, failure, held).await);
             }
+            Command::Dispatch => self.hold_until = None,
             Command::Abdicate(reply) => {
                 // Acks that came first count for what is handed over.
                 while let Ok((_, feedback)) = self.feedback.try_recv() {
@@ -675,13 +684,40 @@ impl<L: GroupLog> Dispatcher<L> {
         if changes.is_none() && reply.is_none() {
             return Ok(());
         }
+        let changes = changes.unwrap_or_default();
+        let kept = changes.clone();
+        let (done, answer) = oneshot::channel();
         let checkpoint = Checkpoint {
             group: self.name().to_owned(),
             floor: self.core.floor(),
-            changes: changes.unwrap_or_default(),
-            reply,
+            changes,
+            reply: reply.is_some().then_some(done),
         };
-        self.log.checkpoint(checkpoint).await
+        let result = match self.log.checkpoint(checkpoint).await {
+            Ok(()) => match reply {
+                // The caller waits for it: so does the dispatcher, to keep the
+                // changes should they fail.
+                Some(reply) => {
+                    let result = answer.await.unwrap_or(Err(StoreError::ShuttingDown));
+                    if result.is_err() {
+                        self.core.keep_changes(kept);
+                    }
+                    let _ = reply.send(result);
+                    return Ok(());
+                }
+                None => Ok(()),
+            },
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+                Err(e)
+            }
+        };
+        if result.is_err() {
+            self.core.keep_changes(kept);
+        }
+        result
     }
 
     async fn redrive(&mut self, sequences: Vec<u64>) -> Result<u64> {

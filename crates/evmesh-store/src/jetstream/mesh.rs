@@ -16,7 +16,7 @@
 //! members hold to their agents; the group record's compare-and-set refuses a
 //! checkpoint from a node that lost the group.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,9 +52,14 @@ const TICK: Duration = Duration::from_millis(250);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// A remote member not heard of for this long has left.
 const REMOTE_SILENCE: Duration = Duration::from_secs(5);
-/// How long a new owner waits for the members of other nodes to say what they
-/// hold before it dispatches.
-const TAKEOVER_GRACE: Duration = Duration::from_secs(2);
+/// How long a new owner waits at most for the nodes with members of the group to
+/// say what they hold before it dispatches: until a node that cannot say has
+/// stopped announcing itself.
+const TAKEOVER_WAIT: Duration = crate::NODE_TTL;
+/// How often a new owner that waits reads the nodes' announcements again.
+const TAKEOVER_RECHECK: Duration = Duration::from_secs(1);
+/// Stands for nodes not known yet (the announcements could not be read).
+const UNKNOWN: &str = "?";
 /// How long a request to another node waits for its answer.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an admin call keeps looking for the group's owner.
@@ -368,6 +373,11 @@ impl Mesh {
         lock(&self.shared.view).values().cloned().collect()
     }
 
+    /// This run of the node: its relay inbox.
+    pub(crate) fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+
     /// Remembers the name this node announces itself by.
     pub(crate) fn named(&self, name: &str) {
         *lock(&self.shared.name) = Some(name.to_owned());
@@ -420,6 +430,7 @@ impl Shared {
             role: Role::Idle,
             heartbeat_at: Instant::now(),
             created: false,
+            last_holder: None,
             shown: None,
         };
         let task = tokio::spawn(agent.run());
@@ -432,16 +443,26 @@ impl Shared {
         Ok(tx)
     }
 
-    /// Other nodes announced members of `group`: they may hold deliveries of it.
-    async fn others_have_members(&self, group: &str) -> bool {
+    /// The other nodes (their instances) that announce members of `group`, but
+    /// `except` (the owner that lapsed): they may hold deliveries of it.
+    async fn member_nodes(&self, group: &str, except: Option<&str>) -> HashSet<String> {
         let name = lock(&self.name).clone();
         match self.log.nodes().await {
-            Ok(nodes) => nodes.iter().any(|n| {
-                Some(&n.name) != name.as_ref()
-                    && n.groups.iter().any(|g| g.name == group && g.members > 0)
-            }),
-            // Unknown: wait, to be safe.
-            Err(_) => true,
+            Ok(nodes) => nodes
+                .into_iter()
+                .filter(|n| {
+                    Some(&n.name) != name.as_ref()
+                        && !n.instance.is_empty()
+                        && n.instance != self.instance
+                        && Some(n.instance.as_str()) != except
+                        && n.groups.iter().any(|g| g.name == group && g.members > 0)
+                })
+                .map(|n| n.instance)
+                .collect(),
+            Err(e) => {
+                tracing::debug!(group, error = %e, "reading the nodes' announcements");
+                HashSet::from([UNKNOWN.to_owned()])
+            }
         }
     }
 
@@ -578,6 +599,11 @@ struct Owner {
     handle: GroupHandle,
     /// Remote members by their id here.
     remote: HashMap<u64, Remote>,
+    /// The dispatcher holds back until the nodes that may hold deliveries from
+    /// the last owner (`waiting`) and this node's members have joined.
+    held_back: bool,
+    waiting: HashSet<String>,
+    checked: Instant,
 }
 
 enum Role {
@@ -604,6 +630,8 @@ struct Agent {
     heartbeat_at: Instant,
     /// The last take of the lease created the group.
     created: bool,
+    /// The owner this agent last followed.
+    last_holder: Option<String>,
     /// What `view` last said of the group.
     shown: Option<(u32, bool)>,
 }
@@ -767,6 +795,7 @@ impl Agent {
                 StoreError::Unavailable(format!("no node could take group {:?}", self.group))
             }));
         };
+        self.maybe_release().await;
         Ok(Subscription {
             group: self.group.clone(),
             member_id: format!("{}.{id}", self.shared.instance),
@@ -816,6 +845,7 @@ impl Agent {
                             .await;
                         continue;
                     }
+                    self.last_holder = Some(holder.clone());
                     self.role = Role::Follower(holder);
                     self.heartbeat_at = Instant::now() + HEARTBEAT_EVERY;
                     return Ok(());
@@ -837,11 +867,15 @@ impl Agent {
         sent: Instant,
         create: Option<&SubscriptionSpec>,
     ) -> Result<()> {
-        let hold = if self.shared.others_have_members(&self.group).await {
-            Some(Instant::now() + TAKEOVER_GRACE)
-        } else {
-            None
-        };
+        // Nothing goes out until every member that may hold deliveries from the
+        // last owner has said what (maybe_release).
+        let waiting = self
+            .shared
+            .member_nodes(&self.group, self.last_holder.as_deref())
+            .await;
+        // From now on the last holder is this node.
+        self.last_holder = Some(self.shared.instance.clone());
+        let hold = Some(Instant::now() + TAKEOVER_WAIT);
         let handle = match self.shared.registry.handle(&self.group, create, hold).await {
             Ok((handle, created)) => {
                 self.created = created;
@@ -856,15 +890,54 @@ impl Agent {
                 return Err(e);
             }
         };
-        tracing::info!(group = %self.group, waits = hold.is_some(), "this node owns the group");
+        tracing::info!(group = %self.group, waiting = ?waiting, "this node owns the group");
         self.role = Role::Owner(Owner {
             revision,
             valid_until: sent + LEASE_TTL - LEASE_MARGIN,
             renew_at: sent + RENEW_EVERY,
             handle,
             remote: HashMap::new(),
+            held_back: true,
+            waiting,
+            checked: Instant::now(),
         });
         Ok(())
+    }
+
+    /// Lets the dispatcher go once every node that may hold deliveries from the
+    /// last owner has joined (or stopped announcing members), and every member
+    /// here too; reads the announcements again while it waits.
+    async fn maybe_release(&mut self) {
+        let all_linked = self.members.values().all(|l| !matches!(l.link, Link::None));
+        let Role::Owner(owner) = &mut self.role else {
+            return;
+        };
+        if !owner.held_back {
+            return;
+        }
+        if !owner.waiting.is_empty() && owner.checked.elapsed() >= TAKEOVER_RECHECK {
+            owner.checked = Instant::now();
+            let fresh = self
+                .shared
+                .member_nodes(&self.group, self.last_holder.as_deref())
+                .await;
+            let Role::Owner(owner) = &mut self.role else {
+                return;
+            };
+            owner.waiting = if owner.waiting.contains(UNKNOWN) {
+                fresh
+            } else {
+                owner.waiting.intersection(&fresh).cloned().collect()
+            };
+        }
+        let Role::Owner(owner) = &mut self.role else {
+            return;
+        };
+        if owner.waiting.is_empty() && all_linked {
+            owner.held_back = false;
+            owner.handle.dispatch().await;
+            tracing::debug!(group = %self.group, "dispatching");
+        }
     }
 
     /// Joins a member here to the group's owner, finding the owner first when
@@ -1228,6 +1301,7 @@ impl Agent {
                 break;
             }
         }
+        self.maybe_release().await;
     }
 
     async fn renew(&mut self) {
@@ -1325,6 +1399,7 @@ impl Agent {
             "join" => {
                 let answer = self.on_join(&message).await;
                 self.shared.answer(&message, &answer).await;
+                self.maybe_release().await;
             }
             "feedback" => self.on_remote_feedback(&message).await,
             "leave" => {
@@ -1404,6 +1479,7 @@ impl Agent {
             .map(|p| Pattern::parse(p))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Failure::of(&StoreError::InvalidArgument(e.to_string())))?;
+        owner.waiting.remove(&request.from);
         // A join asked again (its answer was lost) replaces the first.
         owner
             .remote

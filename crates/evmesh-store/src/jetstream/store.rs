@@ -238,8 +238,9 @@ impl Store for JetStreamStore {
         self.mesh.local_groups()
     }
 
-    async fn announce_node(&self, record: crate::NodeRecord) -> Result<()> {
+    async fn announce_node(&self, mut record: crate::NodeRecord) -> Result<()> {
         self.mesh.named(&record.name);
+        record.instance = self.mesh.instance().to_owned();
         self.log.announce_node(&record).await
     }
 
