@@ -141,10 +141,23 @@ pub async fn latency_subscriber(
     total: u64,
     base: Instant,
 ) -> anyhow::Result<tokio::task::JoinHandle<Vec<u64>>> {
+    latency_member(addr, "", pattern, total, base).await
+}
+
+/// As [`latency_subscriber`], a member of the durable group `group` (ephemeral
+/// when empty).
+pub async fn latency_member(
+    addr: SocketAddr,
+    group: &str,
+    pattern: &str,
+    total: u64,
+    base: Instant,
+) -> anyhow::Result<tokio::task::JoinHandle<Vec<u64>>> {
     let (tx, mut stream) = subscribe(
         addr,
         pb::SubscribeOpen {
             patterns: vec![pattern.to_owned()],
+            group: group.to_owned(),
             auto_ack: true,
             max_in_flight: 10_000,
             ..Default::default()

@@ -21,6 +21,7 @@ mod abuse;
 mod ceiling;
 mod jetstream;
 mod load;
+mod mesh;
 mod node;
 mod report;
 mod scenarios;
@@ -62,7 +63,8 @@ struct Args {
     /// Encoded bytes of each of those versions.
     #[arg(long, default_value_t = 1_000_000)]
     schema_bytes: usize,
-    /// Scenarios to run.
+    /// Scenarios to run; `mesh` (nodes on one JetStream cluster, with --backend
+    /// jetstream) runs when named.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
     /// Keep the node's log in this directory instead of a temporary one.
@@ -114,7 +116,7 @@ enum SyncArg {
 
 /// The scenarios that run on the JetStream backend; the others measure the
 /// embedded log alone.
-const ON_JETSTREAM: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall";
+const ON_JETSTREAM: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,mesh";
 
 /// One step of the run, as the progress bar counts them.
 enum Step {
@@ -149,6 +151,17 @@ enum Step {
     Versions,
     /// A steady client on a quiet node, then on an attacked one.
     Abuse,
+    /// Publish throughput through `nodes` nodes of one cluster.
+    MeshPublish {
+        nodes: usize,
+    },
+    /// Publish-to-delivery latency through `nodes` nodes.
+    MeshLatency {
+        nodes: usize,
+        rate: u64,
+    },
+    /// A group's owner killed: how long until it delivers again.
+    MeshMove,
 }
 
 impl Step {
@@ -181,6 +194,9 @@ impl Step {
             Step::Schema => "schema check".into(),
             Step::Versions => "schema versions".into(),
             Step::Abuse => "abuse".into(),
+            Step::MeshPublish { nodes } => format!("mesh publish through {nodes} node(s)"),
+            Step::MeshLatency { nodes, .. } => format!("mesh latency through {nodes} node(s)"),
+            Step::MeshMove => "mesh group move".into(),
         }
     }
 }
@@ -267,6 +283,11 @@ fn plan(args: &Args) -> Vec<Step> {
     if run("abuse") {
         steps.push(Step::Abuse);
     }
+    if run("mesh") {
+        steps.extend([1, 2, 3].map(|nodes| Step::MeshPublish { nodes }));
+        steps.extend([1, 2, 3].map(|nodes| Step::MeshLatency { nodes, rate: 1_000 }));
+        steps.push(Step::MeshMove);
+    }
     steps
 }
 
@@ -340,9 +361,14 @@ fn main() -> anyhow::Result<()> {
     if let Some(unknown) = args
         .scenarios
         .iter()
-        .find(|s| !ALL.split(',').any(|a| a == s.as_str()))
+        .find(|s| s.as_str() != "mesh" && !ALL.split(',').any(|a| a == s.as_str()))
     {
-        anyhow::bail!("unknown scenario {unknown:?}: choose from {ALL}");
+        anyhow::bail!("unknown scenario {unknown:?}: choose from {ALL},mesh");
+    }
+    if backend.is_none() && args.scenarios.iter().any(|s| s == "mesh") {
+        anyhow::bail!(
+            "scenario \"mesh\" runs nodes on one JetStream cluster: add --backend jetstream"
+        );
     }
     let sizes = if args.quick {
         Sizes {
@@ -468,6 +494,16 @@ fn main() -> anyhow::Result<()> {
                     scenarios::schema_versions(sizes.schema_versions, sizes.schema_bytes).await?
                 }
                 Step::Abuse => abuse::abuse(1000 / sizes.rate_divisor, sizes.seconds).await?,
+                Step::MeshPublish { nodes } => {
+                    mesh::publish(nats, nodes, sizes.events, payload).await?
+                }
+                Step::MeshLatency { nodes, rate } => {
+                    let rate = (rate / sizes.rate_divisor).max(1);
+                    mesh::latency(nats, nodes, rate, sizes.seconds, payload).await?
+                }
+                Step::MeshMove => {
+                    mesh::group_move(nats, 1000 / sizes.rate_divisor, payload).await?
+                }
             };
             let row = match backend {
                 Some(nats) if step.on_node() => Row {

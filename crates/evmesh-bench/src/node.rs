@@ -237,6 +237,13 @@ impl NodeProcess {
         rss_of(self.pid())
     }
 
+    /// SIGKILL: the node dies with nothing cleaned up.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        drop(self.child.stdin.take());
+    }
+
     /// Stops the node gracefully and waits for it to exit.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.shut_down()

@@ -93,7 +93,7 @@ fn quick_run_on_the_jetstream_backend() {
         "--nats-sync",
         "always",
         "--scenarios",
-        "publish,jetstream,latency,fanout,stall",
+        "publish,jetstream,latency,fanout,stall,mesh",
     ]);
     let on_node: Vec<_> = rows
         .iter()
@@ -103,8 +103,29 @@ fn quick_run_on_the_jetstream_backend() {
                 .is_some_and(|s| s.ends_with("[JetStream backend, R1, sync always]"))
         })
         .collect();
-    // Four publish rows, three latency, two fan-out, one stalled subscriber.
-    assert_eq!(on_node.len(), 10, "{stdout}");
+    // Four publish rows, three latency, two fan-out, one stalled subscriber; and
+    // through nodes of one mesh, three publish rows, three latency and a group's move.
+    assert_eq!(on_node.len(), 17, "{stdout}");
+    for nodes in ["1 node", "2 nodes", "3 nodes"] {
+        for prefix in [
+            "mesh: durable publish through",
+            "mesh: publish-to-delivery at",
+        ] {
+            assert!(
+                on_node
+                    .iter()
+                    .any(|r| r["scenario"].as_str().is_some_and(
+                        |s| s.starts_with(prefix) && s.contains(&format!("through {nodes}"))
+                    )),
+                "{prefix} {nodes} missing from {stdout}"
+            );
+        }
+    }
+    let moved = on_node
+        .iter()
+        .find_map(|r| r["figures"]["moved in s"].as_f64())
+        .expect("the group's move measured");
+    assert!(moved > 0.0, "{stdout}");
     let beside = |figure: &str, prefix: &str| {
         on_node
             .iter()

@@ -39,11 +39,21 @@ async fn health(node: &TestNode) -> Option<ServingStatus> {
 
 /// Every event the stream holds, read with the backend's own log.
 async fn stored(config: &JetStreamConfig) -> Vec<(u64, String)> {
-    // A cluster that has just lost a server may take a while to answer.
-    let log = eventually("the cluster answers", || async {
-        JetStreamLog::connect(config).await.ok()
-    })
-    .await;
+    // A cluster that has just lost a server may take a while to answer (its meta
+    // leader elected again), and one attempt may wait out its request timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let log = loop {
+        match JetStreamLog::connect(config).await {
+            Ok(log) => break log,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the cluster did not answer: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     let mut events = Vec::new();
     let mut from = 1;
     loop {
