@@ -349,6 +349,28 @@ fn members_on_other_nodes_share_a_group() {
             }
         })
         .await;
+        // A node that neither owns the group nor has a member of it lists it as
+        // its owner sees it: both members.
+        let listed = tokio::task::spawn_blocking({
+            let a = a.clone();
+            move || {
+                let out = std::process::Command::new(support::BIN)
+                    .args(["groups", "list", "--server", &a])
+                    .output()
+                    .unwrap();
+                support::assert_ok(&out);
+                String::from_utf8(out.stdout).unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let row: Vec<&str> = listed
+            .lines()
+            .find(|l| l.starts_with("split "))
+            .unwrap_or_else(|| panic!("{listed}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[6], "2", "members of split, listed through a: {listed}");
         until_all_acked(&checker, "members on b and c").await;
         for m in members {
             m.await.unwrap();

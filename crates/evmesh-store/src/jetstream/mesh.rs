@@ -373,6 +373,19 @@ impl Mesh {
         lock(&self.shared.view).values().cloned().collect()
     }
 
+    /// The instance holding `group`'s lease now, if any.
+    pub(crate) async fn owner(&self, group: &str) -> Result<Option<String>> {
+        let entry = self
+            .shared
+            .leases
+            .entry(group)
+            .await
+            .map_err(|e| unavailable("reading a group's lease", e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
     /// This run of the node: its relay inbox.
     pub(crate) fn instance(&self) -> &str {
         &self.shared.instance

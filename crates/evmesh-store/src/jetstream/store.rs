@@ -245,7 +245,20 @@ impl Store for JetStreamStore {
     }
 
     async fn nodes(&self) -> Result<Vec<crate::NodeRecord>> {
-        self.log.nodes().await
+        let mut nodes = self.log.nodes().await?;
+        // An announcement stands for 10 s, a node that died owning a group for as
+        // long: the lease says who owns it now.
+        let mut owners = std::collections::HashMap::new();
+        for node in &mut nodes {
+            for group in node.groups.iter_mut().filter(|g| g.owner) {
+                if !owners.contains_key(&group.name) {
+                    let owner = self.mesh.owner(&group.name).await?;
+                    owners.insert(group.name.clone(), owner);
+                }
+                group.owner = owners[&group.name].as_deref() == Some(node.instance.as_str());
+            }
+        }
+        Ok(nodes)
     }
 
     async fn groups(&self, after: &str, limit: usize) -> Result<Vec<GroupInfo>> {
