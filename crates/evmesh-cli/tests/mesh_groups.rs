@@ -108,11 +108,24 @@ struct Checker {
     /// Members hold what they got before this until then (a handler busy for a
     /// while, across a takeover).
     stall_until: Option<std::time::Instant>,
+    /// What each member holds now: never more than its max_in_flight.
+    holding: HashMap<usize, HashSet<u64>>,
 }
+
+/// Each member's max_in_flight.
+const MAX_IN_FLIGHT: usize = 4;
 
 impl Checker {
     fn delivered(&mut self, member: usize, seq: u64, attempt: u32) {
         *self.got.entry(member).or_default() += 1;
+        let holding = self.holding.entry(member).or_default();
+        holding.insert(seq);
+        if holding.len() > MAX_IN_FLIGHT {
+            self.violations.push(format!(
+                "member {member} holds {} events, over its max_in_flight of {MAX_IN_FLIGHT}",
+                holding.len()
+            ));
+        }
         let best = self.attempts.entry(seq).or_default();
         *best = (*best).max(attempt);
         let Some(aggregate) = self.aggregate_of.get(&seq).cloned() else {
@@ -144,6 +157,9 @@ impl Checker {
 
     /// The member settles `seq` (acks it, or nacks it when `acked` is false).
     fn settled(&mut self, member: usize, seq: u64, acked: bool) {
+        if let Some(holding) = self.holding.get_mut(&member) {
+            holding.remove(&seq);
+        }
         if let Some(aggregate) = self.aggregate_of.get(&seq)
             && self.out.get(aggregate) == Some(&(seq, member))
         {
@@ -203,7 +219,7 @@ async fn member(
         &mut client,
         pb::SubscribeOpen {
             group: group.into(),
-            max_in_flight: 4,
+            max_in_flight: MAX_IN_FLIGHT as u32,
             // A delivery or an ack lost with a NATS server comes again soon.
             ack_timeout: Some(prost_types::Duration {
                 seconds: 5,
@@ -821,4 +837,90 @@ fn a_rolling_restart_loses_nothing() {
         stored(&a, "shop.payment.succeeded", ORDERS).await;
         consumer.stop().await.unwrap();
     });
+}
+
+/// A member on b of a group owned by a (its first member, there, joined and left),
+/// nacking every delivery with a delay: each event comes again no sooner than the
+/// delay, at attempts 1, 2, 3, then goes to the dead letters with the member's
+/// reason, listed through c.
+#[test]
+fn nacks_with_delay_and_dead_letters_across_nodes() {
+    const DELAY: Duration = Duration::from_millis(400);
+    let mesh = ThreeNodes::start();
+    let (a, b, c) = (mesh.url(0), mesh.url(1), mesh.url(2));
+    let spec = |ty: &str| pb::SubscribeOpen {
+        group: "retry".into(),
+        max_deliveries: 3,
+        ..open(&[ty])
+    };
+    let deliveries = mesh.runtime.block_on(async {
+        let mut on_a = pb::mesh_client::MeshClient::connect(a.clone())
+            .await
+            .unwrap();
+        let holder = Sub::open(&mut on_a, spec("retry.>")).await.unwrap();
+        let mut on_b = pb::mesh_client::MeshClient::connect(b.clone())
+            .await
+            .unwrap();
+        let mut member = Sub::open(&mut on_b, spec("retry.>")).await.unwrap();
+        drop(holder);
+        let owner = eventually("a listed as the owner of retry", || {
+            let c = c.clone();
+            async move {
+                tokio::task::spawn_blocking(move || owner_of(&c, "retry"))
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
+        assert_eq!(owner, "a");
+        let mut on_c = pb::mesh_client::MeshClient::connect(c.clone())
+            .await
+            .unwrap();
+        for i in 0..3 {
+            let mut event = event_with_id("retry.test", &format!("r-{i}"));
+            event.aggregate_id = format!("agg-{i}");
+            evmesh_tests::publish(&mut on_c, event).await;
+        }
+        let mut deliveries: Vec<(u64, u32, std::time::Instant)> = Vec::new();
+        while deliveries.len() < 9 {
+            let d = member.next().await;
+            deliveries.push((d.sequence, d.attempt, std::time::Instant::now()));
+            member.nack(&[d.sequence], DELAY, "try later").await;
+        }
+        assert!(
+            member.try_next(Duration::from_secs(1)).await.is_none(),
+            "nothing after the third attempt"
+        );
+        deliveries
+    });
+    let mut by_seq: HashMap<u64, Vec<(u32, std::time::Instant)>> = HashMap::new();
+    for (seq, attempt, at) in deliveries {
+        by_seq.entry(seq).or_default().push((attempt, at));
+    }
+    assert_eq!(by_seq.len(), 3);
+    for (seq, tries) in &by_seq {
+        let attempts: Vec<u32> = tries.iter().map(|t| t.0).collect();
+        assert_eq!(attempts, [1, 2, 3], "attempts of {seq}");
+        for pair in tries.windows(2) {
+            assert!(
+                pair[1].1.duration_since(pair[0].1) >= DELAY,
+                "{seq} came again before its delay"
+            );
+        }
+    }
+    let out = std::process::Command::new(support::BIN)
+        .args(["dlq", "list", "retry", "--output", "json", "--server", &c])
+        .output()
+        .unwrap();
+    support::assert_ok(&out);
+    let letters: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["attempts"], 3, "{letter}");
+        assert_eq!(letter["reason"], "try later", "{letter}");
+    }
 }
