@@ -71,6 +71,9 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "EVMESH_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the HTTP listener (/metrics, /healthz, /readyz), or `off`.
+    #[arg(long, env = "EVMESH_HTTP_LISTEN", default_value = "127.0.0.1:50080")]
+    http_listen: serve::HttpListen,
     /// Directory of the embedded log.
     #[arg(long, env = "EVMESH_DATA", default_value = "./evmesh-data")]
     data: PathBuf,

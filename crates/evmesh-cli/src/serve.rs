@@ -112,17 +112,52 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
         let listener = listen(&args).await?;
-        tracing::info!(addr = %listener.local_addr()?, data = %args.data.display(), "serving");
-        evmesh_node::serve(store, config, listener, signal()).await?;
+        let http = listen_http(&args).await?;
+        tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), data = %args.data.display(), "serving");
+        evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
     } else {
         let store = JetStreamStore::open(&nats_config(&args))
             .await
             .with_context(|| format!("cannot use NATS at {}", args.nats.join(",")))?;
         let listener = listen(&args).await?;
-        tracing::info!(addr = %listener.local_addr()?, nats = %args.nats.join(","), "serving");
-        evmesh_node::serve(store, config, listener, signal()).await?;
+        let http = listen_http(&args).await?;
+        tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), nats = %args.nats.join(","), "serving");
+        evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
     }
     Ok(())
+}
+
+/// `--http-listen`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HttpListen(Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("{s:?} is neither an address (127.0.0.1:50080) nor off"))
+    }
+}
+
+async fn listen_http(args: &ServeArgs) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = args.http_listen.0 else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {addr} (--http-listen, or off)"))?;
+    Ok(Some(listener))
+}
+
+fn http_addr(listener: Option<&tokio::net::TcpListener>) -> String {
+    listener
+        .and_then(|l| l.local_addr().ok())
+        .map_or_else(|| "off".to_owned(), |a| a.to_string())
 }
 
 async fn listen(args: &ServeArgs) -> anyhow::Result<tokio::net::TcpListener> {

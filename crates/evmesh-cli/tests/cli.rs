@@ -194,13 +194,7 @@ fn serve_refuses_a_bad_listen_address() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", &addr])
-        .env("EVMESH_DATA", dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = support::serve_refused(dir.path(), &["--listen", &addr]);
     assert!(
         stderr.contains(&format!("evmesh: cannot listen on {addr}")),
         "{stderr}"

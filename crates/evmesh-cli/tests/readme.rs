@@ -329,6 +329,7 @@ fn readme_runs_as_printed() {
     let env = [
         ("PATH", path),
         ("EVMESH_LISTEN", format!("127.0.0.1:{port}")),
+        ("EVMESH_HTTP_LISTEN", "127.0.0.1:0".to_owned()),
         ("EVMESH_SERVER", format!("http://127.0.0.1:{port}")),
     ];
 

@@ -20,8 +20,10 @@ mod catalog;
 mod convert;
 pub mod envelope;
 mod follow;
+mod http;
 mod listener;
 mod mesh;
+mod metrics;
 mod nodes;
 mod reflection;
 mod registry;
@@ -109,6 +111,21 @@ pub async fn serve<S: Store>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    serve_with_http(store, config, listener, None, shutdown).await
+}
+
+/// As [`serve`], with `/metrics`, `/healthz` and `/readyz` on `http` too.
+pub async fn serve_with_http<S: Store>(
+    store: S,
+    config: NodeConfig,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    // Kept only where something can read them.
+    let metrics = Arc::new(metrics::Metrics::new(http.is_some()));
+    let open_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    metrics.count_connections(open_connections.clone());
     let (down_tx, down_rx) = watch::channel(false);
     // Room for the largest event an envelope check accepts, so that every stored
     // event fits a delivery too.
@@ -146,14 +163,14 @@ pub async fn serve<S: Store>(
         down_rx.clone(),
         read_through,
         identity,
+        metrics.clone(),
     ))
     .max_decoding_message_size(decode_limit)
     .max_encoding_message_size(decode_limit);
-    let registry = SchemaRegistryServer::new(registry::RegistryService::new(
-        store.clone(),
-        catalogs.clone(),
-        config.registry.clone(),
-    ))
+    let registry = SchemaRegistryServer::new(
+        registry::RegistryService::new(store.clone(), catalogs.clone(), config.registry.clone())
+            .with_metrics(metrics.clone()),
+    )
     .max_decoding_message_size(registry_limit)
     .max_encoding_message_size(registry_limit);
 
@@ -177,7 +194,11 @@ pub async fn serve<S: Store>(
     });
     let mut down_server = down_rx.clone();
     let limits = config.connections.clone();
-    let incoming = listener::incoming(listener, limits.clone());
+    if let Some(http) = http {
+        tracing::info!(addr = %http.local_addr()?, "serving http");
+        tokio::spawn(http::serve(http, store.clone(), metrics, down_rx.clone()));
+    }
+    let incoming = listener::incoming(listener, limits.clone(), open_connections);
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .initial_stream_window_size(limits.stream_window)

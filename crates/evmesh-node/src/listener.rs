@@ -97,6 +97,7 @@ impl Warning {
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
+    open: Arc<AtomicUsize>,
 ) -> impl Stream<Item = io::Result<Conn>> {
     struct State {
         listener: TcpListener,
@@ -108,7 +109,7 @@ pub(crate) fn incoming(
     let state = State {
         listener,
         limits,
-        open: Arc::new(AtomicUsize::new(0)),
+        open,
         full: Warning::new(),
         failing: Warning::new(),
     };

@@ -50,6 +50,7 @@ pub(crate) struct MeshService<S> {
     shutdown: watch::Receiver<bool>,
     read_through: crate::follow::ReadThrough,
     identity: Arc<crate::nodes::Identity>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl<S: Store> MeshService<S> {
@@ -60,8 +61,10 @@ impl<S: Store> MeshService<S> {
         shutdown: watch::Receiver<bool>,
         read_through: crate::follow::ReadThrough,
         identity: Arc<crate::nodes::Identity>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
+            metrics,
             store,
             limits: Arc::new(config.limits.clone()),
             catalogs,
@@ -75,6 +78,7 @@ impl<S: Store> MeshService<S> {
 
     fn clone_handle(&self) -> Self {
         Self {
+            metrics: self.metrics.clone(),
             store: self.store.clone(),
             limits: self.limits.clone(),
             catalogs: self.catalogs.clone(),
@@ -135,6 +139,9 @@ enum Slot {
 struct Batch {
     slots: Vec<Slot>,
     appended: evmesh_store::Result<evmesh_store::AppendTicket>,
+    /// The event type of each appended event, by its index, for the metrics.
+    types: Vec<String>,
+    arrived: std::time::Instant,
 }
 
 fn rejected(rejection: Rejection) -> pb::PublishResponse {
@@ -210,6 +217,7 @@ impl<S: Store> MeshService<S> {
 
     /// Validates one batch and queues its valid events, in stream order.
     async fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
+        let arrived = std::time::Instant::now();
         let mut slots = Vec::with_capacity(requests.len());
         let mut events = Vec::with_capacity(requests.len());
         let catalog = self.catalog_for(&requests).await;
@@ -228,8 +236,14 @@ impl<S: Store> MeshService<S> {
                 Err(rejection) => slots.push(Slot::Rejected(rejection)),
             }
         }
+        let types = events.iter().map(|e| e.r#type.clone()).collect();
         let appended = self.store.enqueue(events).await;
-        Batch { slots, appended }
+        Batch {
+            slots,
+            appended,
+            types,
+            arrived,
+        }
     }
 }
 
@@ -281,6 +295,7 @@ enum Step {
 async fn respond(
     mut steps: mpsc::Receiver<Step>,
     out: mpsc::Sender<Result<pb::PublishResponse, Status>>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     while let Some(step) = steps.recv().await {
         let batch = match step {
@@ -294,6 +309,13 @@ async fn respond(
             Ok(ticket) => ticket.wait().await.map_err(status),
             Err(e) => Err(status(e)),
         };
+        count(
+            &metrics,
+            &batch.slots,
+            &batch.types,
+            &appended,
+            batch.arrived,
+        );
         for slot in batch.slots {
             let response = match (slot, &appended) {
                 (Slot::Rejected(rejection), _) => rejected(rejection),
@@ -322,6 +344,70 @@ async fn respond(
                 return; // the publisher went away; what was appended stays appended
             }
         }
+    }
+}
+
+/// A batch's outcomes in the metrics: a count per type and outcome, one per
+/// rejection code, and each stored event's time from arrival to ack.
+fn count<'a>(
+    metrics: &crate::metrics::Metrics,
+    slots: &[Slot],
+    types: &'a [String],
+    appended: &Result<Vec<evmesh_store::Appended>, Status>,
+    arrived: std::time::Instant,
+) {
+    use crate::metrics::Outcome;
+    let mut tally: Vec<(&str, Outcome, u64)> = Vec::new();
+    let mut add = |ty: &'a str, outcome: Outcome| match tally
+        .iter_mut()
+        .find(|(t, o, _)| *t == ty && std::mem::discriminant(o) == std::mem::discriminant(&outcome))
+    {
+        Some(entry) => entry.2 += 1,
+        None => tally.push((ty, outcome, 1)),
+    };
+    let mut codes: Vec<(tonic::Code, u64)> = Vec::new();
+    let mut stored = 0;
+    for slot in slots {
+        let rejected = match (slot, appended) {
+            (Slot::Rejected(r), _) => Some(r.code),
+            (Slot::Appended(i, ..), Ok(acks)) => match (acks.get(*i), types.get(*i)) {
+                (Some(a), Some(ty)) => {
+                    stored += 1;
+                    add(
+                        ty,
+                        if a.duplicate {
+                            Outcome::Duplicate
+                        } else {
+                            Outcome::Stored
+                        },
+                    );
+                    None
+                }
+                _ => Some(tonic::Code::Internal),
+            },
+            (Slot::Appended(..), Err(e)) => Some(e.code()),
+        };
+        if let Some(code) = rejected {
+            let ty = match slot {
+                Slot::Appended(i, ..) => types.get(*i).map_or("", String::as_str),
+                // A refused event's type may be anything: one label for them all.
+                Slot::Rejected(_) => "",
+            };
+            add(ty, Outcome::Rejected);
+            match codes.iter_mut().find(|(c, _)| *c == code) {
+                Some(entry) => entry.1 += 1,
+                None => codes.push((code, 1)),
+            }
+        }
+    }
+    for (ty, outcome, n) in tally {
+        metrics.published(ty, outcome, n);
+    }
+    for (code, n) in codes {
+        metrics.rejected(code, n);
+    }
+    if stored > 0 {
+        metrics.acked_after(arrived.elapsed(), stored);
     }
 }
 
@@ -580,7 +666,7 @@ impl<S: Store> Mesh for MeshService<S> {
         let inbound = request.into_inner();
         let (steps_tx, steps_rx) = mpsc::channel(PUBLISH_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(PUBLISH_BATCH);
-        tokio::spawn(respond(steps_rx, out_tx));
+        tokio::spawn(respond(steps_rx, out_tx, self.metrics.clone()));
         let this = self.clone_handle();
         tokio::spawn(async move {
             let read = this.read_publishes(inbound, steps_tx.clone());
@@ -616,20 +702,39 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        use crate::metrics::Outcome;
+        let arrived = std::time::Instant::now();
         let request = request.into_inner();
         let catalog = self.catalog_for(std::slice::from_ref(&request)).await;
-        let event = self
-            .accept(&catalog, request.event)
-            .map_err(|r| r.to_status())?;
+        let refused = |code: tonic::Code, ty: &str| {
+            self.metrics.published(ty, Outcome::Rejected, 1);
+            self.metrics.rejected(code, 1);
+        };
+        let event = self.accept(&catalog, request.event).map_err(|r| {
+            refused(r.code, "");
+            r.to_status()
+        })?;
         let (id, correlation) = (event.id.clone(), event.correlation_id.clone());
+        let event_type = event.r#type.clone();
         let span = crate::trace::append_span(&event, self.trace_events);
         let appended = tracing::Instrument::instrument(self.store.append(vec![event]), span)
             .await
-            .map_err(status)?;
+            .map_err(|e| {
+                let e = status(e);
+                refused(e.code(), &event_type);
+                e
+            })?;
         let a = appended
             .first()
             .copied()
             .ok_or_else(|| Status::internal("append returned no result"))?;
+        let outcome = if a.duplicate {
+            Outcome::Duplicate
+        } else {
+            Outcome::Stored
+        };
+        self.metrics.published(&event_type, outcome, 1);
+        self.metrics.acked_after(arrived.elapsed(), 1);
         Ok(Response::new(ack(id, correlation, a)))
     }
 
@@ -662,11 +767,16 @@ impl<S: Store> Mesh for MeshService<S> {
             self.shutdown.clone(),
             refuse,
         ));
-        Ok(Response::new(deliveries(
-            subscription,
-            self.shutdown.clone(),
-            refused,
-        )))
+        // Counted while its stream lives.
+        let open = crate::metrics::Open::new(&self.metrics.subscriptions);
+        let stream = deliveries(subscription, self.shutdown.clone(), refused);
+        Ok(Response::new(Box::pin(futures_util::StreamExt::map(
+            stream,
+            move |item| {
+                let _counted = &open;
+                item
+            },
+        ))))
     }
 
     async fn get_chain(

@@ -45,6 +45,8 @@ const MAX_LISTED_TYPES: usize = 100;
 const MAX_LISTED_CHANGES: usize = 1000;
 
 pub(crate) struct RegistryService<S> {
+    /// Where registrations are counted, when the node keeps metrics.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     store: S,
     catalogs: Arc<Catalogs>,
     limits: Arc<RegistryLimits>,
@@ -261,12 +263,19 @@ fn explain(event_type: &str, d: &Decision) -> String {
 impl<S: Store> RegistryService<S> {
     pub(crate) fn new(store: S, catalogs: Arc<Catalogs>, limits: RegistryLimits) -> Self {
         Self {
+            metrics: None,
             store,
             catalogs,
             limits: Arc::new(limits),
             writing: Mutex::new(()),
             judging: Semaphore::new(JUDGED_AT_ONCE),
         }
+    }
+
+    /// Counts registrations in `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Decodes and validates the candidate and decides on it against the current
@@ -379,9 +388,8 @@ fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Decision {
     decide(&existing, &c.schema, c.version.as_ref())
 }
 
-#[tonic::async_trait]
-impl<S: Store> SchemaRegistry for RegistryService<S> {
-    async fn register_schema(
+impl<S: Store> RegistryService<S> {
+    async fn register(
         &self,
         request: Request<pb::RegisterSchemaRequest>,
     ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
@@ -428,6 +436,24 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
                 Err(e) => return Err(status(e)),
             }
         }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> SchemaRegistry for RegistryService<S> {
+    async fn register_schema(
+        &self,
+        request: Request<pb::RegisterSchemaRequest>,
+    ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
+        let result = self.register(request).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.registration(match &result {
+                Ok(r) if r.get_ref().created => "created",
+                Ok(_) => "existing",
+                Err(_) => "refused",
+            });
+        }
+        result
     }
 
     async fn check_schema(

@@ -14,6 +14,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_evmesh");
 pub struct Served {
     pub child: Child,
     pub addr: String,
+    /// The HTTP listener's address.
+    pub http: String,
 }
 
 impl Served {
@@ -33,6 +35,12 @@ impl Served {
     pub fn start_on(listen: &str, data: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", listen, "--log-format", "json"])
+            // Nodes run side by side: none takes the default HTTP port.
+            .args(if extra.contains(&"--http-listen") {
+                &[][..]
+            } else {
+                &["--http-listen", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("EVMESH_DATA", data)
             .stderr(Stdio::piped())
@@ -46,16 +54,19 @@ impl Served {
                 let _ = tx.send(line);
             }
         });
-        let addr = loop {
+        let (addr, http) = loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(20))
                 .expect("serve logs a serving line");
             let v: serde_json::Value = serde_json::from_str(&line).expect("json logs");
             if v["fields"]["message"] == "serving" {
-                break v["fields"]["addr"].as_str().unwrap().to_owned();
+                break (
+                    v["fields"]["addr"].as_str().unwrap().to_owned(),
+                    v["fields"]["http"].as_str().unwrap_or("off").to_owned(),
+                );
             }
         };
-        Self { child, addr }
+        Self { child, addr, http }
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -174,6 +185,18 @@ pub fn nodes_json(server: &str) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `evmesh serve ARGS` over `data`, which must fail: its stderr.
+pub fn serve_refused(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .env("EVMESH_DATA", data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A command that succeeded, or a panic showing its stderr.
