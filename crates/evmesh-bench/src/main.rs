@@ -32,7 +32,7 @@ use node::Node;
 use report::Row;
 
 const ALL: &str =
-    "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse";
+    "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse,metrics";
 
 #[derive(Parser)]
 #[command(
@@ -162,6 +162,10 @@ enum Step {
     },
     /// A group's owner killed: how long until it delivers again.
     MeshMove,
+    /// Durable publish with the metrics on and off.
+    MetricsCost {
+        streams: u64,
+    },
 }
 
 impl Step {
@@ -197,6 +201,7 @@ impl Step {
             Step::MeshPublish { nodes } => format!("mesh publish through {nodes} node(s)"),
             Step::MeshLatency { nodes, .. } => format!("mesh latency through {nodes} node(s)"),
             Step::MeshMove => "mesh group move".into(),
+            Step::MetricsCost { streams } => format!("metrics on and off, {streams} stream(s)"),
         }
     }
 }
@@ -282,6 +287,9 @@ fn plan(args: &Args) -> Vec<Step> {
     }
     if run("abuse") {
         steps.push(Step::Abuse);
+    }
+    if run("metrics") {
+        steps.extend([1, 16].map(|streams| Step::MetricsCost { streams }));
     }
     if run("mesh") {
         steps.extend([1, 2, 3].map(|nodes| Step::MeshPublish { nodes }));
@@ -503,6 +511,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 Step::MeshMove => {
                     mesh::group_move(nats, 1000 / sizes.rate_divisor, payload).await?
+                }
+                Step::MetricsCost { streams } => {
+                    scenarios::metrics_cost(streams, sizes.events, payload, sizes.stall_pairs)
+                        .await?
                 }
             };
             let row = match backend {

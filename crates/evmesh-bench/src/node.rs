@@ -85,6 +85,8 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
 /// nats-servers it ran over, if any.
 pub struct Node {
     pub addr: SocketAddr,
+    /// The HTTP listener (`/metrics`), when the node keeps metrics.
+    pub http: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -95,6 +97,16 @@ impl Node {
     /// A node over `data` (a fresh directory when `None`), or over the JetStream
     /// cluster `nats` names.
     pub fn start(data: Option<PathBuf>, nats: Option<JetStreamConfig>) -> anyhow::Result<Self> {
+        Self::start_metered(data, nats, false)
+    }
+
+    /// As [`Node::start`], with the HTTP listener and its metrics when `metrics`
+    /// (its address in `http`).
+    pub fn start_metered(
+        data: Option<PathBuf>,
+        nats: Option<JetStreamConfig>,
+        metrics: bool,
+    ) -> anyhow::Result<Self> {
         let (dir, data) = data_dir(data)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -106,26 +118,33 @@ impl Node {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let addr = listener.local_addr()?;
+                let http = match metrics {
+                    true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+                    false => None,
+                };
+                let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
                 let stopped = async move {
                     let _ = stopped.await;
                 };
                 match nats {
                     Some(nats) => {
                         let store = JetStreamStore::open(&nats).await?;
-                        let _ = ready_tx.send(addr);
-                        evmesh_node::serve(store, unvalidated(), listener, stopped).await?;
+                        let _ = ready_tx.send((addr, http_addr));
+                        evmesh_node::serve_with_http(store, unvalidated(), listener, http, stopped)
+                            .await?;
                     }
                     None => {
                         let store = SqliteStore::open(Config::new(&data)).await?;
-                        let _ = ready_tx.send(addr);
-                        evmesh_node::serve(store, unvalidated(), listener, stopped).await?;
+                        let _ = ready_tx.send((addr, http_addr));
+                        evmesh_node::serve_with_http(store, unvalidated(), listener, http, stopped)
+                            .await?;
                     }
                 }
                 Ok(())
             })
         });
-        let addr = match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
+        let (addr, http) = match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addrs) => addrs,
             // The thread ended: its error says why.
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(match thread.join() {
@@ -139,6 +158,7 @@ impl Node {
         };
         Ok(Self {
             addr,
+            http,
             stop: Some(stop),
             thread: Some(thread),
             _dir: dir,

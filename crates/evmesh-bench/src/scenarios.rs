@@ -644,3 +644,67 @@ pub async fn schema_versions(versions: usize, bytes: usize) -> anyhow::Result<Ro
             .figure("RSS MiB after it", mib(after), 1),
     )
 }
+
+/// Durable publish with the node's metrics on (its HTTP listener scraped once a
+/// second, as Prometheus would) and off, in alternate runs on fresh nodes: the
+/// median of `rounds` runs of each, and their ratio.
+pub async fn metrics_cost(
+    streams: u64,
+    events: u64,
+    payload: usize,
+    rounds: usize,
+) -> anyhow::Result<Row> {
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for on in [false, true] {
+            let node = Node::start_metered(None, None, on)?;
+            register(node.addr, "bench.order.placed").await?;
+            publish_streams(
+                node.addr,
+                "bench.order.placed",
+                streams,
+                warm_up(events),
+                payload,
+            )
+            .await?;
+            let scraping = node
+                .http
+                .map(|http| tokio::spawn(scrape_every_second(http)));
+            let (acked, elapsed) =
+                publish_streams(node.addr, "bench.order.placed", streams, events, payload).await?;
+            if let Some(scraping) = scraping {
+                scraping.abort();
+            }
+            rates[usize::from(on)].push(acked as f64 / elapsed.as_secs_f64());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let off = median(&mut rates[0]);
+    let on = median(&mut rates[1]);
+    Ok(Row::new(format!(
+        "durable publish, {streams} stream(s), metrics on and off"
+    ))
+    .figure("on events/s", on, 0)
+    .figure("off events/s", off, 0)
+    .figure("on ÷ off", on / off, 3))
+}
+
+/// GETs `/metrics` from `http` once a second until aborted.
+async fn scrape_every_second(http: SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(mut stream) = tokio::net::TcpStream::connect(http).await else {
+            continue;
+        };
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+        if stream.write_all(request.as_bytes()).await.is_ok() {
+            let mut body = Vec::new();
+            let _ = stream.read_to_end(&mut body).await;
+        }
+    }
+}

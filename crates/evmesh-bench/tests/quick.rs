@@ -44,13 +44,14 @@ fn quick_run_prints_every_scenario_and_writes_json() {
         "schema check, 200 messages",
         "schema versions of",
         "abuse, a client at",
+        "durable publish, 16 stream(s), metrics on and off",
     ] {
         assert!(
             stdout.contains(scenario),
             "{scenario} missing from\n{stdout}"
         );
     }
-    assert_eq!(rows.len(), 29);
+    assert_eq!(rows.len(), 31);
     // Each validated publish row is set beside both references.
     let publish: Vec<_> = rows
         .iter()
