@@ -125,6 +125,11 @@ fn the_http_listener_serves_health_and_metrics() {
         (r#"evmesh_group_dead_letters{group="ops"}"#, 0.0),
         ("evmesh_subscriptions", 1.0),
         ("evmesh_log_head_sequence", 5.0),
+        (r#"evmesh_deliveries_total{group="ops"}"#, 5.0),
+        (r#"evmesh_redeliveries_total{group="ops"}"#, 0.0),
+        (r#"evmesh_acks_total{group="ops"}"#, 1.0),
+        (r#"evmesh_nacks_total{group="ops"}"#, 0.0),
+        (r#"evmesh_dead_letters_total{group="ops"}"#, 0.0),
     ] {
         assert_eq!(
             sample(&metrics, series),
@@ -132,6 +137,14 @@ fn the_http_listener_serves_health_and_metrics() {
             "{series} in\n{metrics}"
         );
     }
+    assert!(
+        sample(
+            &metrics,
+            r#"evmesh_group_oldest_unacked_age_seconds{group="ops"}"#
+        )
+        .is_some_and(|age| age > 0.0 && age < 60.0),
+        "{metrics}"
+    );
     for series in [
         "evmesh_connections",
         "process_resident_memory_bytes",

@@ -56,6 +56,8 @@ pub(crate) struct Metrics {
     group_pending: GroupGauge,
     group_dead_letters: GroupGauge,
     group_members: GroupGauge,
+    group_oldest_unacked: Family<GroupLabels, Gauge<f64, AtomicU64>>,
+    group_counts: Arc<GroupCounts>,
     log_head: Gauge<u64, AtomicU64>,
     types: Mutex<HashSet<String>>,
     /// The listener's count of open connections, read at each scrape.
@@ -171,6 +173,14 @@ impl Metrics {
             "evmesh_group_members",
             "A durable group's live members",
         );
+        let group_oldest_unacked = Family::<GroupLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "evmesh_group_oldest_unacked_age_seconds",
+            "How long a durable group's oldest delivery not yet acked has been out",
+            group_oldest_unacked.clone(),
+        );
+        let group_counts = Arc::new(GroupCounts::default());
+        registry.register_collector(Box::new(group_counts.clone()));
         let log_head = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "evmesh_log_head_sequence",
@@ -190,6 +200,8 @@ impl Metrics {
             group_pending,
             group_dead_letters,
             group_members,
+            group_oldest_unacked,
+            group_counts,
             log_head,
             types: Mutex::default(),
             open_connections: Mutex::default(),
@@ -297,8 +309,20 @@ impl Metrics {
         ] {
             family.clear();
         }
+        self.group_oldest_unacked.clear();
+        *self
+            .group_counts
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            groups.iter().map(|g| (g.name.clone(), g.counts)).collect();
         let mut head = 0;
         for g in groups {
+            self.group_oldest_unacked
+                .get_or_create(&GroupLabels {
+                    group: g.name.clone(),
+                })
+                .set(g.oldest_unacked.as_secs_f64());
             let labels = GroupLabels { group: g.name };
             let set = |family: &GroupGauge, v: u64| {
                 family
@@ -346,6 +370,52 @@ fn code_label(code: tonic::Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// One of a group's counts.
+type Count = fn(&evmesh_store::GroupCounts) -> u64;
+
+/// Each durable group's counters (this node's counts, kept by its store), as the
+/// last scrape read them.
+#[derive(Debug, Default)]
+struct GroupCounts {
+    groups: Mutex<Vec<(String, evmesh_store::GroupCounts)>>,
+}
+
+impl Collector for GroupCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let families: [(&str, &str, Count); 5] = [
+            (
+                "evmesh_deliveries",
+                "Deliveries of a durable group's events, redeliveries included",
+                |c| c.delivered,
+            ),
+            (
+                "evmesh_redeliveries",
+                "Deliveries at attempt 2 or later",
+                |c| c.redelivered,
+            ),
+            ("evmesh_acks", "Deliveries acked", |c| c.acked),
+            ("evmesh_nacks", "Deliveries nacked", |c| c.nacked),
+            (
+                "evmesh_dead_letters",
+                "Events moved to a group's dead letters",
+                |c| c.dead_lettered,
+            ),
+        ];
+        for (name, help, value) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (group, counts) in groups.iter() {
+                let labels = GroupLabels {
+                    group: group.clone(),
+                };
+                ConstCounter::new(value(counts)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

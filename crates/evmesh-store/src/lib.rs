@@ -145,6 +145,51 @@ pub struct GroupInfo {
     pub ack_timeout: Duration,
     pub max_deliveries: u32,
     pub head_sequence: u64,
+    /// What the group did on this node since it started: deliveries, acks…
+    #[serde(default)]
+    pub counts: GroupCounts,
+    /// How long the oldest delivery not yet acked has been out; zero when none is.
+    #[serde(default)]
+    pub oldest_unacked: Duration,
+}
+
+/// A durable group's deliveries, redeliveries (attempt 2 and later, counted in
+/// the deliveries too), acks, nacks and dead letters on this node since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupCounts {
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub dead_lettered: u64,
+}
+
+/// The counts as a group's dispatchers move them; kept by the store per group, so
+/// that they outlive a dispatcher that retires.
+#[derive(Debug, Default)]
+pub(crate) struct GroupTally {
+    pub delivered: std::sync::atomic::AtomicU64,
+    pub redelivered: std::sync::atomic::AtomicU64,
+    pub acked: std::sync::atomic::AtomicU64,
+    pub nacked: std::sync::atomic::AtomicU64,
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+impl GroupTally {
+    pub(crate) fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn counts(&self) -> GroupCounts {
+        let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        GroupCounts {
+            delivered: read(&self.delivered),
+            redelivered: read(&self.redelivered),
+            acked: read(&self.acked),
+            nacked: read(&self.nacked),
+            dead_lettered: read(&self.dead_lettered),
+        }
+    }
 }
 
 /// An event that exhausted its deliveries in one group.

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::{Delivery, Feedback, GroupInfo, Pattern, Result, StoreError, StoredEvent};
+use crate::{Delivery, Feedback, GroupInfo, GroupTally, Pattern, Result, StoreError, StoredEvent};
 
 /// Events loaded and waiting for a member with room.
 pub(crate) const READY_MAX: usize = 1024;
@@ -157,6 +157,7 @@ pub(crate) struct Core<O> {
     next_member: u64,
     round_robin: usize,
     changes: Changes,
+    tally: Arc<GroupTally>,
 }
 
 /// `d` after `now`. The node bounds ack timeouts and nack delays, but a group stored
@@ -192,7 +193,13 @@ impl<O: Outlet> Core<O> {
             next_member: 1,
             round_robin: 0,
             changes: Changes::default(),
+            tally: Arc::default(),
         }
+    }
+
+    /// Counts into `tally` (the store's, for this group) from now on.
+    pub(crate) fn count_into(&mut self, tally: Arc<GroupTally>) {
+        self.tally = tally;
     }
 
     /// A durable group's persisted state: settled sequences above the floor,
@@ -443,6 +450,10 @@ impl<O: Outlet> Core<O> {
             member.in_flight += 1;
             let member_id = member.id;
             self.round_robin = (index + 1) % n;
+            GroupTally::add(&self.tally.delivered, 1);
+            if pending.attempts > 0 {
+                GroupTally::add(&self.tally.redelivered, 1);
+            }
             pending.attempts += 1;
             let seq = pending.event.sequence;
             let aggregate = &pending.event.event.aggregate_id;
@@ -479,6 +490,7 @@ impl<O: Outlet> Core<O> {
             Feedback::Ack(sequences) => {
                 for seq in sequences {
                     if let Some(pending) = self.take_in_flight(seq) {
+                        GroupTally::add(&self.tally.acked, 1);
                         self.release(&pending);
                         self.settle(seq, true);
                     }
@@ -496,6 +508,7 @@ impl<O: Outlet> Core<O> {
                 };
                 for seq in sequences {
                     if let Some(pending) = self.take_in_flight(seq) {
+                        GroupTally::add(&self.tally.nacked, 1);
                         self.retry(pending, &reason, delay, now);
                     }
                 }
@@ -589,6 +602,7 @@ impl<O: Outlet> Core<O> {
 
     fn dead_letter(&mut self, pending: Pending, reason: &str) {
         let seq = pending.event.sequence;
+        GroupTally::add(&self.tally.dead_lettered, 1);
         self.release(&pending);
         if self.config.durable {
             tracing::warn!(group = %self.config.name, sequence = seq, attempts = pending.attempts, reason, "dead letter");
@@ -833,6 +847,14 @@ impl<O: Outlet> Core<O> {
             ack_timeout: self.config.ack_timeout,
             max_deliveries: self.config.max_deliveries,
             head_sequence: head,
+            counts: self.tally.counts(),
+            // Every delivery's deadline is its time out plus the same ack timeout.
+            oldest_unacked: self
+                .deadlines
+                .first()
+                .and_then(|(deadline, _)| deadline.checked_sub(self.config.ack_timeout))
+                .map(|out| Instant::now().saturating_duration_since(out))
+                .unwrap_or_default(),
         }
     }
 
@@ -1053,6 +1075,33 @@ mod tests {
         let mut out = from_b.take();
         out.extend(from_c.take());
         assert_eq!(out, [(5, 1)]);
+    }
+
+    #[test]
+    fn the_group_counts_what_it_does() {
+        let now = Instant::now();
+        let mut core = group(true, 2);
+        let (_, inbox) = member(&mut core, 10);
+        read(&mut core, &[(1, "a"), (2, "b")]);
+        core.dispatch(now);
+        assert_eq!(inbox.take(), [(1, 1), (2, 1)]);
+        ack(&mut core, &[1], now);
+        nack(&mut core, 2, Duration::ZERO, now);
+        assert_eq!(inbox.take(), [(2, 2)]);
+        // The second nack uses up its deliveries: a dead letter.
+        nack(&mut core, 2, Duration::ZERO, now);
+        let counts = core.info(2).counts;
+        assert_eq!(
+            counts,
+            crate::GroupCounts {
+                delivered: 3,
+                redelivered: 1,
+                acked: 1,
+                nacked: 2,
+                dead_lettered: 1,
+            }
+        );
+        assert_eq!(core.info(2).oldest_unacked, Duration::ZERO);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! subscribe), asked again when it retired as it was asked; ephemeral
 //! subscriptions; and every task, awaited when the store stops.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::task::{
     Command, GroupHandle, GroupLog, GroupRow, Groups, spawn_durable, spawn_ephemeral,
 };
-use crate::{Result, StartPosition, StoreError, Subscription, SubscriptionSpec};
+use crate::{GroupTally, Result, StartPosition, StoreError, Subscription, SubscriptionSpec};
 
 /// What a backend adds to its [`GroupLog`] for the registry: groups by name, and
 /// where a start position puts a new group's floor.
@@ -61,6 +62,8 @@ pub(crate) struct GroupRegistry<L> {
     log: Arc<L>,
     groups: Groups,
     tasks: Arc<Mutex<Tasks>>,
+    /// Each durable group's counts on this node, across its dispatchers.
+    tallies: Arc<std::sync::Mutex<HashMap<String, Arc<GroupTally>>>>,
 }
 
 impl<L> Clone for GroupRegistry<L> {
@@ -69,6 +72,7 @@ impl<L> Clone for GroupRegistry<L> {
             log: self.log.clone(),
             groups: self.groups.clone(),
             tasks: self.tasks.clone(),
+            tallies: self.tallies.clone(),
         }
     }
 }
@@ -79,6 +83,7 @@ impl<L: GroupCatalog> GroupRegistry<L> {
             log,
             groups: Groups::default(),
             tasks: Arc::default(),
+            tallies: Arc::default(),
         }
     }
 
@@ -122,8 +127,21 @@ impl<L: GroupCatalog> GroupRegistry<L> {
             }
             (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
         };
-        let (handle, task) =
-            spawn_durable(self.log.clone(), row, self.groups.clone(), hold_until).await?;
+        let tally = self
+            .tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let (handle, task) = spawn_durable(
+            self.log.clone(),
+            row,
+            self.groups.clone(),
+            hold_until,
+            tally,
+        )
+        .await?;
         self.tasks.lock().await.push(task);
         groups.insert(name.to_owned(), handle.clone());
         Ok((handle, created))

@@ -367,9 +367,11 @@ pub(crate) async fn spawn_durable<L: GroupLog>(
     row: GroupRow,
     groups: Groups,
     hold_until: Option<Instant>,
+    tally: Arc<crate::GroupTally>,
 ) -> Result<(GroupHandle, JoinHandle<()>)> {
     let restored = log.restore(&row.name).await?;
     let (mut dispatcher, handle) = Dispatcher::new(log, row, true);
+    dispatcher.core.count_into(tally);
     dispatcher.registry = Some((groups, handle.commands.clone()));
     dispatcher.hold_until = hold_until;
     dispatcher.core.restore(

@@ -639,9 +639,15 @@ mod tests {
             .await
             .unwrap();
         let stored = groups.group_row("billing.workers").await.unwrap().unwrap();
-        let (handle, task) = spawn_durable(groups.clone(), stored, Groups::default(), None)
-            .await
-            .unwrap();
+        let (handle, task) = spawn_durable(
+            groups.clone(),
+            stored,
+            Groups::default(),
+            None,
+            Arc::default(),
+        )
+        .await
+        .unwrap();
         let spec = SubscriptionSpec {
             group: Some("billing.workers".into()),
             ..SubscriptionSpec::new(vec![Pattern::parse("t.>").unwrap()])
@@ -703,9 +709,15 @@ mod tests {
         let other = open(&server).await;
         let stored = other.group_row("billing.workers").await.unwrap().unwrap();
         assert_eq!(stored.ack_floor, 4);
-        let (handle, task) = spawn_durable(other.clone(), stored, Groups::default(), None)
-            .await
-            .unwrap();
+        let (handle, task) = spawn_durable(
+            other.clone(),
+            stored,
+            Groups::default(),
+            None,
+            Arc::default(),
+        )
+        .await
+        .unwrap();
         let mut sub = handle.join(spec, false).await.unwrap();
         let (reply, moved) = tokio::sync::oneshot::channel();
         handle
