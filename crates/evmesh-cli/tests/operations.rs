@@ -278,3 +278,35 @@ fn prometheus_scrapes_the_node() {
     }
     drop(prometheus);
 }
+
+/// The alert rules OPERATIONS.md gives: `promtool check rules` accepts them, and
+/// every evmesh metric they name is one a node serves.
+#[test]
+fn the_alert_rules_check_and_name_served_metrics() {
+    let promtool = evmesh_tests::require_tool("promtool");
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/evmesh-alerts.yml");
+    let out = std::process::Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    support::assert_ok(&out);
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let named: std::collections::BTreeSet<&str> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("evmesh_"))
+        .collect();
+    assert!(named.len() >= 4, "{named:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Served::start(dir.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _member = load(&node, &runtime);
+    let (_, _, metrics) = get(&node.http, "/metrics");
+    for name in named {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name} is named by the alert rules but not served:\n{metrics}"
+        );
+    }
+}
