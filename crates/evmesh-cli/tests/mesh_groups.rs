@@ -393,6 +393,23 @@ fn members_on_other_nodes_share_a_group() {
         }
         owner
     });
+    // The log's figures from the events stream, through any node.
+    let http = mesh.nodes[2].as_ref().unwrap().http.clone();
+    let (_, _, metrics) = support::get(&http, "/metrics");
+    assert_eq!(
+        support::sample(&metrics, "evmesh_log_first_sequence"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        support::sample(&metrics, "evmesh_log_head_sequence"),
+        Some(TOTAL as f64),
+        "{metrics}"
+    );
+    assert!(
+        support::sample(&metrics, "evmesh_log_bytes").is_some_and(|b| b > 0.0),
+        "{metrics}"
+    );
     assert!(owner == "b" || owner == "c", "{owner}");
     let c = checker.lock().unwrap();
     assert!(c.violations.is_empty(), "{:#?}", c.violations);

@@ -4,41 +4,13 @@
 //! query API. Every process is stopped by its PID.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use evmesh_tests::{Sub, event_with_id, open, publish, v1 as pb};
 
 mod support;
 
-use support::Served;
-
-/// `GET path` on `addr`: the status code, the headers and the body.
-fn get(addr: &str, path: &str) -> (u16, String, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head.to_owned(), body.to_owned())
-}
-
-/// The value of the sample named exactly `series` (name and labels as printed).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
+use support::{Served, get, sample};
 
 /// Five events stored, one repeated, one refused; a member of group `ops` that got
 /// all five and acked one.
@@ -125,6 +97,7 @@ fn the_http_listener_serves_health_and_metrics() {
         (r#"evmesh_group_dead_letters{group="ops"}"#, 0.0),
         ("evmesh_subscriptions", 1.0),
         ("evmesh_log_head_sequence", 5.0),
+        ("evmesh_log_first_sequence", 1.0),
         (r#"evmesh_deliveries_total{group="ops"}"#, 5.0),
         (r#"evmesh_redeliveries_total{group="ops"}"#, 0.0),
         (r#"evmesh_acks_total{group="ops"}"#, 1.0),
@@ -146,6 +119,7 @@ fn the_http_listener_serves_health_and_metrics() {
         "{metrics}"
     );
     for series in [
+        "evmesh_log_bytes",
         "evmesh_connections",
         "process_resident_memory_bytes",
         "process_open_fds",

@@ -59,6 +59,8 @@ pub(crate) struct Metrics {
     group_oldest_unacked: Family<GroupLabels, Gauge<f64, AtomicU64>>,
     group_counts: Arc<GroupCounts>,
     log_head: Gauge<u64, AtomicU64>,
+    log_first: Gauge<u64, AtomicU64>,
+    log_bytes: Gauge<u64, AtomicU64>,
     types: Mutex<HashSet<String>>,
     /// The listener's count of open connections, read at each scrape.
     open_connections: Mutex<Option<Arc<AtomicUsize>>>,
@@ -187,6 +189,18 @@ impl Metrics {
             "The last sequence in the log",
             log_head.clone(),
         );
+        let log_first = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "evmesh_log_first_sequence",
+            "The first sequence the log still holds (0 when empty)",
+            log_first.clone(),
+        );
+        let log_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "evmesh_log_bytes",
+            "Bytes the log takes on disk (on JetStream, the events stream's)",
+            log_bytes.clone(),
+        );
         registry.register_collector(Box::new(Process));
         Self {
             registry,
@@ -203,6 +217,8 @@ impl Metrics {
             group_oldest_unacked,
             group_counts,
             log_head,
+            log_first,
+            log_bytes,
             types: Mutex::default(),
             open_connections: Mutex::default(),
             on,
@@ -316,7 +332,14 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) =
             groups.iter().map(|g| (g.name.clone(), g.counts)).collect();
-        let mut head = 0;
+        match store.log_stats().await {
+            Ok(log) => {
+                self.log_first.set(log.first_sequence);
+                self.log_head.set(log.head_sequence);
+                self.log_bytes.set(log.bytes);
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the log's figures for the metrics"),
+        }
         for g in groups {
             self.group_oldest_unacked
                 .get_or_create(&GroupLabels {
@@ -333,10 +356,6 @@ impl Metrics {
             set(&self.group_pending, g.pending);
             set(&self.group_dead_letters, g.dead_letters);
             set(&self.group_members, u64::from(g.members));
-            head = head.max(g.head_sequence);
-        }
-        if head > 0 {
-            self.log_head.set(head);
         }
     }
 

@@ -153,6 +153,16 @@ pub struct GroupInfo {
     pub oldest_unacked: Duration,
 }
 
+/// The log as a whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// The first sequence the log still holds (0 when empty).
+    pub first_sequence: u64,
+    pub head_sequence: u64,
+    /// Bytes it takes on disk (on JetStream, the events stream's).
+    pub bytes: u64,
+}
+
 /// A durable group's deliveries, redeliveries (attempt 2 and later, counted in
 /// the deliveries too), acks, nacks and dead letters on this node since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -343,6 +353,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// The durable groups this node owns or has members of, by name.
     fn local_groups(&self) -> impl Future<Output = Vec<NodeGroup>> + Send;
+
+    /// The log's first and last sequence and its size on disk, for the metrics.
+    fn log_stats(&self) -> impl Future<Output = Result<LogStats>> + Send;
 
     /// Tells the other nodes on the same storage that this node is alive, as
     /// `record` says; an announcement not renewed within [`NODE_TTL`] lapses. The

@@ -58,6 +58,10 @@ const REMOTE_SILENCE: Duration = Duration::from_secs(5);
 const TAKEOVER_WAIT: Duration = crate::NODE_TTL;
 /// How often a new owner that waits reads the nodes' announcements again.
 const TAKEOVER_RECHECK: Duration = Duration::from_secs(1);
+/// A node whose last announcement is older than this (it announces every 2 s) is
+/// taken for gone: a new owner does not wait for it. A node alive but cut off from
+/// NATS stops announcing too; its members count as gone (README).
+const ANNOUNCEMENT_STALE: Duration = Duration::from_secs(4);
 /// Stands for nodes not known yet (the announcements could not be read).
 const UNKNOWN: &str = "?";
 /// How long a request to another node waits for its answer.
@@ -443,7 +447,6 @@ impl Shared {
             role: Role::Idle,
             heartbeat_at: Instant::now(),
             created: false,
-            last_holder: None,
             shown: None,
         };
         let task = tokio::spawn(agent.run());
@@ -456,9 +459,11 @@ impl Shared {
         Ok(tx)
     }
 
-    /// The other nodes (their instances) that announce members of `group`, but
-    /// `except` (the owner that lapsed): they may hold deliveries of it.
-    async fn member_nodes(&self, group: &str, except: Option<&str>) -> HashSet<String> {
+    /// The other nodes (their instances) that announce members of `group` and
+    /// announced lately: they may hold deliveries of it. The owner whose lease
+    /// lapsed counts too while it still announces: alive, its members hold what it
+    /// handed them.
+    async fn member_nodes(&self, group: &str) -> HashSet<String> {
         let name = lock(&self.name).clone();
         match self.log.nodes().await {
             Ok(nodes) => nodes
@@ -467,7 +472,10 @@ impl Shared {
                     Some(&n.name) != name.as_ref()
                         && !n.instance.is_empty()
                         && n.instance != self.instance
-                        && Some(n.instance.as_str()) != except
+                        // One from a clock ahead of this node's counts as fresh.
+                        && n.seen_at
+                            .elapsed()
+                            .map_or(true, |age| age < ANNOUNCEMENT_STALE)
                         && n.groups.iter().any(|g| g.name == group && g.members > 0)
                 })
                 .map(|n| n.instance)
@@ -643,8 +651,6 @@ struct Agent {
     heartbeat_at: Instant,
     /// The last take of the lease created the group.
     created: bool,
-    /// The owner this agent last followed.
-    last_holder: Option<String>,
     /// What `view` last said of the group.
     shown: Option<(u32, bool)>,
 }
@@ -858,7 +864,6 @@ impl Agent {
                             .await;
                         continue;
                     }
-                    self.last_holder = Some(holder.clone());
                     self.role = Role::Follower(holder);
                     self.heartbeat_at = Instant::now() + HEARTBEAT_EVERY;
                     return Ok(());
@@ -882,12 +887,7 @@ impl Agent {
     ) -> Result<()> {
         // Nothing goes out until every member that may hold deliveries from the
         // last owner has said what (maybe_release).
-        let waiting = self
-            .shared
-            .member_nodes(&self.group, self.last_holder.as_deref())
-            .await;
-        // From now on the last holder is this node.
-        self.last_holder = Some(self.shared.instance.clone());
+        let waiting = self.shared.member_nodes(&self.group).await;
         let hold = Some(Instant::now() + TAKEOVER_WAIT);
         let handle = match self.shared.registry.handle(&self.group, create, hold).await {
             Ok((handle, created)) => {
@@ -930,10 +930,7 @@ impl Agent {
         }
         if !owner.waiting.is_empty() && owner.checked.elapsed() >= TAKEOVER_RECHECK {
             owner.checked = Instant::now();
-            let fresh = self
-                .shared
-                .member_nodes(&self.group, self.last_holder.as_deref())
-                .await;
+            let fresh = self.shared.member_nodes(&self.group).await;
             let Role::Owner(owner) = &mut self.role else {
                 return;
             };

@@ -234,6 +234,28 @@ impl Store for JetStreamStore {
         self.log.chain(correlation_id, after, limit).await
     }
 
+    async fn log_stats(&self) -> Result<crate::LogStats> {
+        let mut events = self
+            .log
+            .context()
+            .get_stream(super::EVENTS_STREAM)
+            .await
+            .map_err(|e| super::unavailable("reading the events stream", e))?;
+        let info = events
+            .info()
+            .await
+            .map_err(|e| super::unavailable("reading the events stream", e))?;
+        Ok(crate::LogStats {
+            first_sequence: if info.state.messages == 0 {
+                0
+            } else {
+                info.state.first_sequence
+            },
+            head_sequence: info.state.last_sequence,
+            bytes: info.state.bytes,
+        })
+    }
+
     async fn local_groups(&self) -> Vec<crate::NodeGroup> {
         self.mesh.local_groups()
     }

@@ -82,6 +82,8 @@ impl Config {
 #[derive(Clone)]
 pub struct SqliteStore {
     log: Arc<Log>,
+    /// `evmesh.db`.
+    path: Arc<Path>,
     groups: GroupRegistry<Log>,
     /// Resolves once the writer thread has stopped.
     writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
@@ -404,6 +406,7 @@ impl SqliteStore {
         tracing::info!(path = %path.display(), head, "log opened");
         Ok(Self {
             groups: GroupRegistry::new(log.clone()),
+            path: Arc::from(path.as_path()),
             log,
             writer_stopped: Arc::new(Mutex::new(Some(writer_stopped))),
         })
@@ -487,6 +490,20 @@ impl Store for SqliteStore {
         .fetch_all(&self.log.pool)
         .await?;
         rows_to_events(rows)
+    }
+
+    async fn log_stats(&self) -> Result<crate::LogStats> {
+        let first: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM events")
+            .fetch_one(&self.log.pool)
+            .await?;
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(crate::LogStats {
+            first_sequence: first.and_then(|f| u64::try_from(f).ok()).unwrap_or(0),
+            head_sequence: self.log.head(),
+            bytes: size(&self.path) + size(Path::new(&wal)),
+        })
     }
 
     async fn local_groups(&self) -> Vec<crate::NodeGroup> {
