@@ -360,7 +360,7 @@ fn count<'a>(
     let mut tally: Vec<(&str, Outcome, u64)> = Vec::new();
     let mut add = |ty: &'a str, outcome: Outcome| match tally
         .iter_mut()
-        .find(|(t, o, _)| *t == ty && std::mem::discriminant(o) == std::mem::discriminant(&outcome))
+        .find(|(t, o, _)| *t == ty && *o == outcome)
     {
         Some(entry) => entry.2 += 1,
         None => tally.push((ty, outcome, 1)),

@@ -92,7 +92,7 @@ impl Drop for Open {
 }
 
 /// What became of a published event.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Stored,
     Duplicate,

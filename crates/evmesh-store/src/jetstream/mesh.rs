@@ -32,8 +32,8 @@ use tokio::time::Instant;
 use super::{JetStreamGroups, JetStreamLog, unavailable};
 use crate::dispatch::{Command, GroupHandle, GroupRegistry};
 use crate::{
-    Delivery, Feedback, GroupInfo, Membership, NodeGroup, Pattern, Result, StartPosition,
-    StoreError, StoredEvent, Subscription, SubscriptionControl, SubscriptionSpec,
+    Delivery, Feedback, GroupInfo, Membership, NodeGroup, Pattern, Result, StoreError, StoredEvent,
+    Subscription, SubscriptionControl, SubscriptionSpec,
 };
 
 /// The bucket of group leases: a key per owned group, its value the owner's
@@ -80,40 +80,6 @@ fn relay(instance: &str, kind: &str) -> String {
     format!("evmesh.relay.{instance}.{kind}")
 }
 
-/// A start position as the relay carries it.
-#[derive(Serialize, Deserialize, Clone, Copy)]
-enum Start {
-    Earliest,
-    Latest,
-    Sequence(u64),
-    TimeMs(u64),
-}
-
-impl From<StartPosition> for Start {
-    fn from(p: StartPosition) -> Self {
-        match p {
-            StartPosition::Earliest => Self::Earliest,
-            StartPosition::Latest => Self::Latest,
-            StartPosition::Sequence(s) => Self::Sequence(s),
-            StartPosition::Time(t) => Self::TimeMs(
-                t.duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            ),
-        }
-    }
-}
-
-impl From<Start> for StartPosition {
-    fn from(s: Start) -> Self {
-        match s {
-            Start::Earliest => Self::Earliest,
-            Start::Latest => Self::Latest,
-            Start::Sequence(s) => Self::Sequence(s),
-            Start::TimeMs(ms) => Self::Time(UNIX_EPOCH + Duration::from_millis(ms)),
-        }
-    }
-}
-
 /// A member's node asks the owner to take a member.
 #[derive(Serialize, Deserialize)]
 struct JoinRequest {
@@ -123,9 +89,6 @@ struct JoinRequest {
     member: u64,
     patterns: Vec<String>,
     max_in_flight: u32,
-    ack_timeout_ms: u64,
-    max_deliveries: u32,
-    start: Start,
     /// Deliveries it holds from an earlier owner: sequence and attempt.
     held: Vec<(u64, u32)>,
 }
@@ -583,7 +546,6 @@ async fn route(shared: std::sync::Weak<Shared>, mut inbox: async_nats::Subscribe
 struct Local {
     patterns: Vec<Pattern>,
     max_in_flight: u32,
-    spec: SubscriptionSpec,
     tx: mpsc::Sender<Delivery>,
     failure: Arc<OnceLock<String>>,
     link: Link,
@@ -782,7 +744,6 @@ impl Agent {
             Local {
                 patterns: spec.patterns.clone(),
                 max_in_flight,
-                spec: spec.clone(),
                 tx,
                 failure: failure.clone(),
                 link: Link::None,
@@ -1008,10 +969,6 @@ impl Agent {
                         .map(|p| p.as_str().to_owned())
                         .collect(),
                     max_in_flight: local.max_in_flight,
-                    ack_timeout_ms: u64::try_from(local.spec.ack_timeout.as_millis())
-                        .unwrap_or(u64::MAX),
-                    max_deliveries: local.spec.max_deliveries,
-                    start: local.spec.start.into(),
                     held,
                 };
                 let answer: std::result::Result<Joined, RelayError> = self
