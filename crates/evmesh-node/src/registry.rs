@@ -283,7 +283,7 @@ impl<S: Store> RegistryService<S> {
     async fn judge(
         &self,
         request: pb::RegisterSchemaRequest,
-    ) -> Result<(Candidate, Decision), Status> {
+    ) -> Result<(Candidate, Judged), Status> {
         let _turn = self
             .judging
             .acquire()
@@ -296,8 +296,8 @@ impl<S: Store> RegistryService<S> {
             if let Some(clash) = catalogs.clash(&c.schema) {
                 return Err(Status::invalid_argument(clash));
             }
-            let decision = decide_on(&catalogs, &c);
-            Ok((c, decision))
+            let judged = decide_on(&catalogs, &c);
+            Ok((c, judged))
         })
         .await
     }
@@ -370,7 +370,14 @@ impl<S: Store> RegistryService<S> {
     }
 }
 
-fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Decision {
+/// A decision and the versions it was made against: a registration stores its
+/// version only while the type's versions are still exactly these.
+struct Judged {
+    decision: Decision,
+    known: Vec<Version>,
+}
+
+fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Judged {
     let catalog = catalogs.load();
     let existing: Vec<Registered<'_>> = catalog
         .types
@@ -385,7 +392,10 @@ fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Decision {
                 .collect()
         })
         .unwrap_or_default();
-    decide(&existing, &c.schema, c.version.as_ref())
+    Judged {
+        decision: decide(&existing, &c.schema, c.version.as_ref()),
+        known: existing.iter().map(|r| r.version.clone()).collect(),
+    }
 }
 
 impl<S: Store> RegistryService<S> {
@@ -398,17 +408,12 @@ impl<S: Store> RegistryService<S> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (c, decision) = self.judge(request.clone()).await?;
+            // The catalog may learn of another node's version between the
+            // decision and the store: `known` is what the decision saw.
+            let (c, Judged { decision, known }) = self.judge(request.clone()).await?;
             if !matches!(decision.outcome, Outcome::Accepted) {
                 return self.answer(&c, &decision);
             }
-            let known: Vec<Version> = self
-                .catalogs
-                .load()
-                .types
-                .get(&c.event_type)
-                .map(|versions| versions.keys().cloned().collect())
-                .unwrap_or_default();
             if known.len() >= self.limits.max_versions {
                 return Err(Status::resource_exhausted(format!(
                     "type {} has {} versions, at most {} allowed (--max-schema-versions)",
@@ -460,7 +465,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         &self,
         request: Request<pb::RegisterSchemaRequest>,
     ) -> Result<Response<pb::CheckSchemaResponse>, Status> {
-        let (_, d) = self.judge(request.into_inner()).await?;
+        let (_, Judged { decision: d, .. }) = self.judge(request.into_inner()).await?;
         let declared = d
             .predecessor
             .as_ref()
