@@ -31,8 +31,7 @@ use jetstream::Nats;
 use node::Node;
 use report::Row;
 
-const ALL: &str =
-    "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse,metrics";
+const ALL: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse,metrics,retention";
 
 #[derive(Parser)]
 #[command(
@@ -166,6 +165,10 @@ enum Step {
     MetricsCost {
         streams: u64,
     },
+    /// Publish latency at a fixed rate while retention deletes.
+    Retention {
+        rate: u64,
+    },
 }
 
 impl Step {
@@ -202,6 +205,7 @@ impl Step {
             Step::MeshLatency { nodes, .. } => format!("mesh latency through {nodes} node(s)"),
             Step::MeshMove => "mesh group move".into(),
             Step::MetricsCost { streams } => format!("metrics on and off, {streams} stream(s)"),
+            Step::Retention { rate } => format!("retention at {rate}/s"),
         }
     }
 }
@@ -290,6 +294,9 @@ fn plan(args: &Args) -> Vec<Step> {
     }
     if run("metrics") {
         steps.extend([1, 16].map(|streams| Step::MetricsCost { streams }));
+    }
+    if run("retention") {
+        steps.push(Step::Retention { rate: 10_000 });
     }
     if run("mesh") {
         steps.extend([1, 2, 3].map(|nodes| Step::MeshPublish { nodes }));
@@ -515,6 +522,10 @@ fn main() -> anyhow::Result<()> {
                 Step::MetricsCost { streams } => {
                     scenarios::metrics_cost(streams, sizes.events, payload, sizes.stall_pairs)
                         .await?
+                }
+                Step::Retention { rate } => {
+                    let rate = (rate / sizes.rate_divisor).max(1);
+                    scenarios::retention_latency(rate, sizes.seconds, payload, sizes.events).await?
                 }
             };
             let row = match backend {

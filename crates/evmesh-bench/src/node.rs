@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use evmesh_store::Retention;
 use evmesh_store::jetstream::{JetStreamConfig, JetStreamStore};
 use evmesh_store::sqlite::{Config, SqliteStore};
 use tokio::sync::oneshot;
@@ -107,6 +108,16 @@ impl Node {
         nats: Option<JetStreamConfig>,
         metrics: bool,
     ) -> anyhow::Result<Self> {
+        Self::start_retained(data, nats, metrics, Retention::default())
+    }
+
+    /// As [`Node::start_metered`], the embedded log kept within `retention`.
+    pub fn start_retained(
+        data: Option<PathBuf>,
+        nats: Option<JetStreamConfig>,
+        metrics: bool,
+        retention: Retention,
+    ) -> anyhow::Result<Self> {
         let (dir, data) = data_dir(data)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -134,7 +145,9 @@ impl Node {
                             .await?;
                     }
                     None => {
-                        let store = SqliteStore::open(Config::new(&data)).await?;
+                        let mut config = Config::new(&data);
+                        config.retention = retention;
+                        let store = SqliteStore::open(config).await?;
                         let _ = ready_tx.send((addr, http_addr));
                         evmesh_node::serve_with_http(store, unvalidated(), listener, http, stopped)
                             .await?;

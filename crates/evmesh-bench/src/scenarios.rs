@@ -692,6 +692,67 @@ pub async fn metrics_cost(
     .figure("on ÷ off", on / off, 3))
 }
 
+/// Open-loop publish at `rate` on a log kept to `keep` events that already holds
+/// twice as many, so that retention deletes throughout the run, beside the same
+/// run with no retention: ack latency of each, and what retention deleted.
+pub async fn retention_latency(
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+    keep: u64,
+) -> anyhow::Result<Row> {
+    let total = rate * seconds;
+    let mut runs = Vec::new();
+    for retained in [false, true] {
+        let retention = evmesh_store::Retention {
+            max_events: retained.then_some(keep),
+            ..Default::default()
+        };
+        let node = Node::start_retained(None, None, true, retention)?;
+        let http = node.http.context("the node's HTTP listener")?;
+        publish_streams(node.addr, "bench.retention.fill", 4, 2 * keep, payload).await?;
+        let before = retention_deleted(http).await?;
+        let base = Instant::now();
+        let mut acks = open_loop_publish(
+            node.addr,
+            "bench.retention.tick",
+            rate,
+            total,
+            payload,
+            base,
+        )
+        .await?;
+        let deleted = retention_deleted(http).await? - before;
+        acks.sort_unstable();
+        runs.push((acks, deleted));
+    }
+    let (plain, _) = &runs[0];
+    let (retained, deleted) = &runs[1];
+    Ok(Row::new(format!(
+        "publish at {rate}/s while retention deletes (log kept to {keep} events)"
+    ))
+    .figure("ack p50 ms", quantile_ms(retained, 0.50), 2)
+    .figure("ack p99 ms", quantile_ms(retained, 0.99), 2)
+    .figure("ack p99.9 ms", quantile_ms(retained, 0.999), 2)
+    .figure("no retention ack p99 ms", quantile_ms(plain, 0.99), 2)
+    .figure("deleted during the run", *deleted, 0))
+}
+
+/// `evmesh_retention_deleted_events_total` from the node's `/metrics`.
+async fn retention_deleted(http: SocketAddr) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(http).await?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix("evmesh_retention_deleted_events_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
 /// GETs `/metrics` from `http` once a second until aborted.
 async fn scrape_every_second(http: SocketAddr) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

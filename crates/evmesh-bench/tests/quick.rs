@@ -45,13 +45,14 @@ fn quick_run_prints_every_scenario_and_writes_json() {
         "schema versions of",
         "abuse, a client at",
         "durable publish, 16 stream(s), metrics on and off",
+        "while retention deletes",
     ] {
         assert!(
             stdout.contains(scenario),
             "{scenario} missing from\n{stdout}"
         );
     }
-    assert_eq!(rows.len(), 31);
+    assert_eq!(rows.len(), 32);
     // Each validated publish row is set beside both references.
     let publish: Vec<_> = rows
         .iter()

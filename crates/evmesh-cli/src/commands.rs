@@ -587,7 +587,10 @@ pub(crate) async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
                             let payload = payloads.decode_json(e).await?;
                             output::event_json(d.sequence, None, e, payload)
                         }
-                        None => serde_json::json!({}),
+                        None => serde_json::json!({
+                            "sequence": d.sequence,
+                            "event_deleted": d.event_deleted,
+                        }),
                     };
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("attempts".into(), d.attempts.into());
@@ -600,11 +603,14 @@ pub(crate) async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
                 let rows: Vec<Vec<String>> = letters
                     .iter()
                     .map(|d| {
-                        let e = d.event.clone().unwrap_or_default();
+                        let (r#type, id) = match &d.event {
+                            Some(e) => (e.r#type.clone(), e.id.clone()),
+                            None => ("(deleted by retention)".to_owned(), "-".to_owned()),
+                        };
                         vec![
                             d.sequence.to_string(),
-                            e.r#type,
-                            e.id,
+                            r#type,
+                            id,
                             d.attempts.to_string(),
                             output::time(d.dead_at.as_ref())
                                 .as_str()

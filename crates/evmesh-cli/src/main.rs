@@ -155,6 +155,16 @@ pub(crate) struct ServeArgs {
     /// CA certificate (PEM) to verify the NATS servers' TLS certificates with.
     #[arg(long, env = "EVMESH_NATS_CA", requires = "nats")]
     nats_ca: Option<PathBuf>,
+    /// Delete events older than this (e.g. 7d, 12h). On NATS, the events stream's max age.
+    #[arg(long, env = "EVMESH_RETENTION_MAX_AGE", value_parser = serve::positive_duration)]
+    retention_max_age: Option<std::time::Duration>,
+    /// Keep at most this many events, the newest.
+    #[arg(long, env = "EVMESH_RETENTION_MAX_EVENTS", value_parser = clap::value_parser!(u64).range(1..))]
+    retention_max_events: Option<u64>,
+    /// Keep the log within this size (e.g. 20GiB, 500MB): the database's pages in
+    /// use, without its write-ahead file.
+    #[arg(long, env = "EVMESH_RETENTION_MAX_BYTES", value_parser = serve::size)]
+    retention_max_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

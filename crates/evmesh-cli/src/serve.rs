@@ -105,9 +105,18 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         advertise: args.advertise.clone(),
         ..NodeConfig::default()
     };
+    let retention = evmesh_store::Retention {
+        max_age: args.retention_max_age,
+        max_events: args.retention_max_events,
+        max_bytes: args.retention_max_bytes,
+    };
+    if retention.limits() {
+        tracing::info!(max_age = ?retention.max_age, max_events = ?retention.max_events, max_bytes = ?retention.max_bytes, "retention");
+    }
     if args.nats.is_empty() {
         let mut store_config = Config::new(&args.data);
         store_config.integrity_check = !args.skip_integrity_check;
+        store_config.retention = retention;
         let store = SqliteStore::open(store_config)
             .await
             .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
@@ -116,7 +125,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), data = %args.data.display(), "serving");
         evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
     } else {
-        let store = JetStreamStore::open(&nats_config(&args))
+        let mut nats = nats_config(&args);
+        nats.retention = retention;
+        let store = JetStreamStore::open(&nats)
             .await
             .with_context(|| format!("cannot use NATS at {}", args.nats.join(",")))?;
         let listener = listen(&args).await?;
@@ -125,6 +136,28 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
     }
     Ok(())
+}
+
+/// A duration of at least a second, as `7d`, `12h` or `90s`.
+pub(crate) fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 7d, 12h or 90s ({e})"))?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s:?} is less than a second"));
+    }
+    Ok(d)
+}
+
+/// A size in bytes, as `20GiB`, `500MB` or `1048576`; at least 1 MiB.
+pub(crate) fn size(s: &str) -> Result<u64, String> {
+    let bytes = s
+        .parse::<bytesize::ByteSize>()
+        .map_err(|_| format!("{s:?} is not a size such as 20GiB, 500MB or 1048576"))?
+        .as_u64();
+    if bytes < 1 << 20 {
+        return Err(format!("{s:?} is less than 1MiB"));
+    }
+    Ok(bytes)
 }
 
 /// `--http-listen`: an address, or `off`.

@@ -76,15 +76,17 @@ pub(crate) fn group_info(g: GroupInfo) -> pb::GroupInfo {
         ack_timeout: Some(duration(g.ack_timeout)),
         max_deliveries: g.max_deliveries,
         head_sequence: g.head_sequence,
+        skipped: g.counts.skipped,
     }
 }
 
 pub(crate) fn dead_letter(d: DeadLetter) -> pb::DeadLetter {
     pb::DeadLetter {
-        sequence: d.event.sequence,
+        sequence: d.sequence,
         attempts: d.attempts,
         reason: d.reason,
         dead_at: Some(d.dead_at.into()),
-        event: Some(d.event.event),
+        event_deleted: d.event.is_none(),
+        event: d.event,
     }
 }

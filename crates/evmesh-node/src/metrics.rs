@@ -61,6 +61,7 @@ pub(crate) struct Metrics {
     log_head: Gauge<u64, AtomicU64>,
     log_first: Gauge<u64, AtomicU64>,
     log_bytes: Gauge<u64, AtomicU64>,
+    log_work: Arc<LogWork>,
     types: Mutex<HashSet<String>>,
     /// The listener's count of open connections, read at each scrape.
     open_connections: Mutex<Option<Arc<AtomicUsize>>>,
@@ -201,6 +202,8 @@ impl Metrics {
             "Bytes the log takes on disk (on JetStream, the events stream's)",
             log_bytes.clone(),
         );
+        let log_work = Arc::new(LogWork::default());
+        registry.register_collector(Box::new(log_work.clone()));
         registry.register_collector(Box::new(Process));
         Self {
             registry,
@@ -219,6 +222,7 @@ impl Metrics {
             log_head,
             log_first,
             log_bytes,
+            log_work,
             types: Mutex::default(),
             open_connections: Mutex::default(),
             on,
@@ -337,6 +341,7 @@ impl Metrics {
                 self.log_first.set(log.first_sequence);
                 self.log_head.set(log.head_sequence);
                 self.log_bytes.set(log.bytes);
+                *self.log_work.last.lock().unwrap_or_else(|e| e.into_inner()) = log.work;
             }
             Err(e) => tracing::debug!(error = %e, "reading the log's figures for the metrics"),
         }
@@ -406,7 +411,7 @@ impl Collector for GroupCounts {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::metrics::MetricType;
         let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        let families: [(&str, &str, Count); 5] = [
+        let families: [(&str, &str, Count); 6] = [
             (
                 "evmesh_deliveries",
                 "Deliveries of a durable group's events, redeliveries included",
@@ -424,6 +429,11 @@ impl Collector for GroupCounts {
                 "Events moved to a group's dead letters",
                 |c| c.dead_lettered,
             ),
+            (
+                "evmesh_retention_skipped_events",
+                "Events a group had not settled that retention deleted before it got to them",
+                |c| c.skipped,
+            ),
         ];
         for (name, help, value) in families {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -434,6 +444,73 @@ impl Collector for GroupCounts {
                 ConstCounter::new(value(counts)).encode(family.encode_family(&labels)?)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// The log's own work (syncs, retention), as the last scrape read it from the
+/// store; nothing on a backend that does neither itself.
+#[derive(Debug, Default)]
+struct LogWork {
+    last: Mutex<Option<evmesh_store::LogWork>>,
+}
+
+/// A histogram whose figures were counted elsewhere.
+struct ConstHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+impl Collector for LogWork {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(work) = last.as_ref() else {
+            return Ok(());
+        };
+        let uppers = evmesh_store::SYNC_BUCKETS.iter().copied().chain([f64::MAX]);
+        let histogram = ConstHistogram {
+            sum: work.sync_seconds,
+            count: work.sync_buckets.iter().sum(),
+            buckets: uppers.zip(work.sync_buckets.iter().copied()).collect(),
+        };
+        histogram.encode(encoder.encode_descriptor(
+            "evmesh_log_sync_duration_seconds",
+            "How long each sync of the log's write-ahead file to disk took",
+            None,
+            MetricType::Histogram,
+        )?)?;
+        ConstCounter::new(work.sync_failures).encode(encoder.encode_descriptor(
+            "evmesh_log_sync_failures",
+            "Syncs of the log to disk that failed (the node acknowledges nothing after one)",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(work.retention_deleted).encode(encoder.encode_descriptor(
+            "evmesh_retention_deleted_events",
+            "Events retention deleted from the log",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

@@ -154,13 +154,91 @@ pub struct GroupInfo {
 }
 
 /// The log as a whole.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LogStats {
     /// The first sequence the log still holds (0 when empty).
     pub first_sequence: u64,
     pub head_sequence: u64,
     /// Bytes it takes on disk (on JetStream, the events stream's).
     pub bytes: u64,
+    /// The log's own work since the node started, where the backend does it itself
+    /// (the embedded log; JetStream syncs and expires inside the server).
+    pub work: Option<LogWork>,
+}
+
+/// What the embedded log did since it started: its syncs to disk and the events
+/// retention deleted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogWork {
+    /// Syncs by duration: the count in each of [`SYNC_BUCKETS`], then those longer.
+    pub sync_buckets: Vec<u64>,
+    pub sync_seconds: f64,
+    pub sync_failures: u64,
+    pub retention_deleted: u64,
+}
+
+/// Upper bounds, in seconds, of the buckets syncs are counted in.
+pub const SYNC_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// [`LogWork`] as the log's threads count it.
+#[derive(Debug, Default)]
+pub(crate) struct WorkTally {
+    sync_buckets: [std::sync::atomic::AtomicU64; SYNC_BUCKETS.len() + 1],
+    sync_micros: std::sync::atomic::AtomicU64,
+    sync_failures: std::sync::atomic::AtomicU64,
+    retention_deleted: std::sync::atomic::AtomicU64,
+}
+
+impl WorkTally {
+    pub(crate) fn synced(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let seconds = took.as_secs_f64();
+        let bucket = SYNC_BUCKETS
+            .iter()
+            .position(|&upper| seconds <= upper)
+            .unwrap_or(SYNC_BUCKETS.len());
+        self.sync_buckets[bucket].fetch_add(1, Relaxed);
+        self.sync_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    pub(crate) fn sync_failed(&self) {
+        GroupTally::add(&self.sync_failures, 1);
+    }
+
+    pub(crate) fn deleted(&self, events: u64) {
+        GroupTally::add(&self.retention_deleted, events);
+    }
+
+    pub(crate) fn read(&self) -> LogWork {
+        use std::sync::atomic::Ordering::Relaxed;
+        LogWork {
+            sync_buckets: self.sync_buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            sync_seconds: self.sync_micros.load(Relaxed) as f64 / 1e6,
+            sync_failures: self.sync_failures.load(Relaxed),
+            retention_deleted: self.retention_deleted.load(Relaxed),
+        }
+    }
+}
+
+/// How much of the log is kept: events older than `max_age`, beyond the newest
+/// `max_events`, or beyond `max_bytes` of storage are deleted, oldest first. The
+/// newest event is always kept (the embedded log continues its sequences from it
+/// after a restart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<Duration>,
+    pub max_events: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+impl Retention {
+    /// Whether any limit is set.
+    pub fn limits(&self) -> bool {
+        self.max_age.is_some() || self.max_events.is_some() || self.max_bytes.is_some()
+    }
 }
 
 /// A durable group's deliveries, redeliveries (attempt 2 and later, counted in
@@ -172,6 +250,10 @@ pub struct GroupCounts {
     pub acked: u64,
     pub nacked: u64,
     pub dead_lettered: u64,
+    /// Events the group had not settled that retention deleted before it got to
+    /// them.
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 /// The counts as a group's dispatchers move them; kept by the store per group, so
@@ -183,6 +265,7 @@ pub(crate) struct GroupTally {
     pub acked: std::sync::atomic::AtomicU64,
     pub nacked: std::sync::atomic::AtomicU64,
     pub dead_lettered: std::sync::atomic::AtomicU64,
+    pub skipped: std::sync::atomic::AtomicU64,
 }
 
 impl GroupTally {
@@ -198,6 +281,7 @@ impl GroupTally {
             acked: read(&self.acked),
             nacked: read(&self.nacked),
             dead_lettered: read(&self.dead_lettered),
+            skipped: read(&self.skipped),
         }
     }
 }
@@ -205,7 +289,9 @@ impl GroupTally {
 /// An event that exhausted its deliveries in one group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
-    pub event: StoredEvent,
+    pub sequence: u64,
+    /// `None` once retention deleted the event from the log.
+    pub event: Option<Event>,
     pub attempts: u32,
     pub reason: String,
     pub dead_at: SystemTime,
@@ -356,6 +442,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// The log's first and last sequence and its size on disk, for the metrics.
     fn log_stats(&self) -> impl Future<Output = Result<LogStats>> + Send;
+
+    /// Keeps the log within `retention` from now on (see [`Retention`]).
+    fn set_retention(&self, retention: Retention) -> impl Future<Output = Result<()>> + Send;
 
     /// Tells the other nodes on the same storage that this node is alive, as
     /// `record` says; an announcement not renewed within [`NODE_TTL`] lapses. The

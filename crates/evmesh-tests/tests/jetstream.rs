@@ -460,3 +460,89 @@ async fn a_schema_registered_on_one_node_is_known_on_every_node() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_maps_to_the_stream_limits_and_a_lagging_group_moves_on() {
+    let server = NatsServer::start().await;
+    let mut limited = config(&server);
+    limited.retention = evmesh_store::Retention {
+        max_age: Some(Duration::from_secs(3600)),
+        max_events: Some(20),
+        max_bytes: None,
+    };
+    let node = TestNode::on_jetstream(limited.clone()).await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js.get_stream(EVENTS_STREAM).await.unwrap();
+    let limits = &stream.cached_info().config;
+    assert_eq!(
+        (limits.max_messages, limits.max_age, limits.max_bytes),
+        (20, Duration::from_secs(3600), -1)
+    );
+
+    let mut client = node.client().await;
+    let mut sub = Sub::open(
+        &mut client,
+        pb::SubscribeOpen {
+            group: "lagging".into(),
+            ..open(&["shop.>"])
+        },
+    )
+    .await
+    .unwrap();
+    publish(&mut client, event_with_id("shop.order.placed", "l-0")).await;
+    let first = sub.next().await;
+    sub.ack(&[first.sequence]).await;
+    eventually("the ack settled", || {
+        let mut client = client.clone();
+        async move { (group_info(&mut client, "lagging").await.ack_floor == 1).then_some(()) }
+    })
+    .await;
+    drop(sub);
+    let events: Vec<pb::Event> = (1..=60)
+        .map(|i| event_with_id("shop.order.placed", &format!("l-{i}")))
+        .collect();
+    let acks = publish_stream(&mut client, events).await;
+    let head = ack_of(acks.last().unwrap()).sequence;
+
+    // The member that comes back, through a node that did not store the events
+    // (a node serves those it stored lately from memory), starts at the oldest
+    // event the stream kept.
+    node.stop().await;
+    let node = TestNode::on_jetstream(limited.clone()).await;
+    let mut client = node.client().await;
+    let mut sub = Sub::open(
+        &mut client,
+        pb::SubscribeOpen {
+            group: "lagging".into(),
+            ..open(&["shop.>"])
+        },
+    )
+    .await
+    .unwrap();
+    for seq in head - 19..=head {
+        let d = sub.next().await;
+        assert_eq!(d.sequence, seq);
+        sub.ack(&[seq]).await;
+    }
+    let info = eventually("the skip counted", || {
+        let mut client = client.clone();
+        async move {
+            let info = group_info(&mut client, "lagging").await;
+            (info.ack_floor == head).then_some(info)
+        }
+    })
+    .await;
+    assert_eq!(info.skipped, head - 20 - first.sequence);
+
+    // A node started with other limits applies them.
+    let relimited = TestNode::on_jetstream(config(&server)).await;
+    let limits = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!((limits.max_messages, limits.max_age), (-1, Duration::ZERO));
+    drop(relimited);
+}

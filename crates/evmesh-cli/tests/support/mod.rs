@@ -16,6 +16,9 @@ pub struct Served {
     pub addr: String,
     /// The HTTP listener's address.
     pub http: String,
+    /// Its log lines after the "serving" one, as they come.
+    log: mpsc::Receiver<String>,
+    logged: std::cell::RefCell<Vec<serde_json::Value>>,
 }
 
 impl Served {
@@ -66,7 +69,26 @@ impl Served {
                 );
             }
         };
-        Self { child, addr, http }
+        Self {
+            child,
+            addr,
+            http,
+            log: rx,
+            logged: Default::default(),
+        }
+    }
+
+    /// The log lines (JSON) since the "serving" one whose message is `message`.
+    pub fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        let mut logged = self.logged.borrow_mut();
+        while let Ok(line) = self.log.try_recv() {
+            logged.extend(serde_json::from_str::<serde_json::Value>(&line).ok());
+        }
+        logged
+            .iter()
+            .filter(|v| v["fields"]["message"] == message)
+            .cloned()
+            .collect()
     }
 
     pub fn run(&self, args: &[&str]) -> Output {

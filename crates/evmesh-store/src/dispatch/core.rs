@@ -883,6 +883,69 @@ impl<O: Outlet> Core<O> {
         tracing::info!(group = %self.config.name, floor, "group seeked");
     }
 
+    /// The log no longer holds anything up to `floor` (retention deleted it): the
+    /// group moves its floor there. What it had not settled below is skipped:
+    /// events read and not delivered, parked ones, and unread positions (their
+    /// types are gone with them, so each counts). Deliveries out stay out until
+    /// acked or timed out, from memory. Returns how many were skipped.
+    pub(crate) fn trimmed(&mut self, floor: u64) -> u64 {
+        if floor <= self.floor {
+            return 0;
+        }
+        let unread = floor.saturating_sub(self.cursor.saturating_sub(1));
+        let above = floor + 1;
+        let kept_ready = self.ready.split_off(&above);
+        let mut skipped = unread + self.ready.len() as u64;
+        self.ready = kept_ready;
+        let gone: Vec<u64> = self
+            .parked
+            .keys()
+            .copied()
+            .filter(|&s| s <= floor && !self.in_flight.contains_key(&s))
+            .collect();
+        skipped += gone.len() as u64;
+        for seq in gone {
+            self.parked.remove(&seq);
+            if self.config.durable {
+                self.changes.parked.push((seq, ParkedChange::Cleared));
+            }
+        }
+        self.delayed.retain(|&(_, s)| s > floor);
+        for waiting in self.blocked.values_mut() {
+            waiting.retain(|&s| s > floor);
+        }
+        self.blocked.retain(|_, waiting| !waiting.is_empty());
+        let freed: Vec<String> = self
+            .busy
+            .iter()
+            .filter(|&(_, &s)| s <= floor && !self.in_flight.contains_key(&s))
+            .map(|(aggregate, _)| aggregate.clone())
+            .collect();
+        for aggregate in freed {
+            self.busy.remove(&aggregate);
+            self.unblock(&aggregate);
+        }
+        for seq in self.redrive.iter().copied().filter(|&s| s <= floor) {
+            self.changes.unredrive.push(seq);
+        }
+        self.redrive.retain(|&s| s > floor);
+        self.unloaded.retain(|&s| s > floor);
+        self.settled = self.settled.split_off(&above);
+        self.floor = floor;
+        while self.settled.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+        self.cursor = self.cursor.max(self.floor + 1);
+        self.recount();
+        self.changes.any = true;
+        skipped
+    }
+
+    /// Counts events retention deleted before the group settled them.
+    pub(crate) fn count_skipped(&self, n: u64) {
+        GroupTally::add(&self.tally.skipped, n);
+    }
+
     /// Dead letters moved back to the group: delivered again at attempt 1.
     pub(crate) fn redriven(&mut self, sequences: &[u64]) {
         self.dead_count = self.dead_count.saturating_sub(sequences.len() as u64);
@@ -1099,9 +1162,48 @@ mod tests {
                 acked: 1,
                 nacked: 2,
                 dead_lettered: 1,
+                skipped: 0,
             }
         );
         assert_eq!(core.info(2).oldest_unacked, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_trimmed_log_moves_the_floor_and_skips_what_was_not_settled() {
+        let now = Instant::now();
+        let mut core = group(true, 0);
+        let (_, inbox) = member(&mut core, 1);
+        // 1 is delivered, 2 waits for it (credit 1), 3 is parked after a nack.
+        read(&mut core, &[(1, "a"), (2, "b"), (3, "c")]);
+        core.dispatch(now);
+        assert_eq!(inbox.take(), [(1, 1)]);
+        ack(&mut core, &[1], now);
+        assert_eq!(inbox.take(), [(2, 1)]);
+        ack(&mut core, &[2], now);
+        assert_eq!(inbox.take(), [(3, 1)]);
+        nack(&mut core, 3, Duration::from_secs(60), now);
+        read(&mut core, &[(4, "d")]);
+        core.dispatch(now);
+        assert_eq!(inbox.take(), [(4, 1)]);
+        // The log lost everything up to 6: 3 (parked) and 5, 6 (never read) are
+        // skipped; 4 is out and stays out until acked.
+        assert_eq!(core.trimmed(6), 3);
+        assert_eq!(core.floor(), 6);
+        assert_eq!(core.cursor(), 7);
+        assert_eq!(core.trimmed(5), 0, "a floor never moves back");
+        ack(&mut core, &[4], now);
+        read(&mut core, &[(7, "c")]);
+        core.dispatch(now);
+        // Aggregate c is no longer held by the parked 3.
+        assert_eq!(inbox.take(), [(7, 1)]);
+        ack(&mut core, &[7], now);
+        assert_eq!(core.floor(), 7);
+        assert_eq!(core.info(7).lag, 0);
+        assert!(core.take_changes().is_some_and(|c| {
+            c.parked
+                .iter()
+                .any(|(seq, change)| *seq == 3 && matches!(change, ParkedChange::Cleared))
+        }));
     }
 
     #[test]

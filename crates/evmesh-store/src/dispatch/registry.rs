@@ -127,13 +127,7 @@ impl<L: GroupCatalog> GroupRegistry<L> {
             }
             (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
         };
-        let tally = self
-            .tallies
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
+        let tally = self.tally(name);
         let (handle, task) = spawn_durable(
             self.log.clone(),
             row,
@@ -217,6 +211,29 @@ impl<L: GroupCatalog> GroupRegistry<L> {
                 self.tasks.lock().await.push(task);
                 handle.join(spec, true).await
             }
+        }
+    }
+
+    /// The group's counts, kept here so that they outlive its dispatchers.
+    fn tally(&self, group: &str) -> Arc<GroupTally> {
+        self.tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(group.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Retention deleted the log up to `floor`, `skipped` of the group's events
+    /// unsettled: counted, and told to its dispatcher when one runs (one that
+    /// starts later reads its floor from the log).
+    pub(crate) async fn trimmed(&self, group: &str, floor: u64, skipped: u64) {
+        let tally = self.tally(group);
+        GroupTally::add(&tally.skipped, skipped);
+        let handle = self.groups.lock().await.get(group).cloned();
+        if let Some(handle) = handle.filter(|h| !h.is_closed()) {
+            // A dispatcher that retires meanwhile leaves its state to the log.
+            let _ = handle.send(Command::Trimmed { floor }).await;
         }
     }
 

@@ -23,6 +23,10 @@ use crate::{
 /// What a backend's log gives group tasks: events by sequence, the head, and where a
 /// durable group's state is kept.
 pub(crate) trait GroupLog: Send + Sync + 'static {
+    /// Whether the log counts the events its retention deletes from under each
+    /// group itself (see [`Command::Trimmed`]); otherwise a group counts the gap it
+    /// finds where it reads.
+    const COUNTS_TRIMS: bool = false;
     /// The last sequence in the log.
     fn head(&self) -> u64;
     /// Changes whenever the head moves.
@@ -131,6 +135,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<GroupInfo>>,
     },
     Flush(oneshot::Sender<Result<()>>),
+    /// Retention deleted the log up to `floor`: the group moves on past it (the
+    /// log counted what it skipped).
+    Trimmed {
+        floor: u64,
+    },
     Redrive {
         sequences: Vec<u64>,
         reply: oneshot::Sender<Result<u64>>,
@@ -287,6 +296,8 @@ struct Dispatcher<L> {
     hold_until: Option<Instant>,
     /// Set once the dispatcher handed its group over: it ends with no checkpoint.
     abdicated: bool,
+    /// Set once it logged that retention made it skip events.
+    skip_logged: bool,
     commands: mpsc::Receiver<Command>,
     feedback: mpsc::Receiver<(u64, Feedback)>,
     leave: mpsc::UnboundedReceiver<u64>,
@@ -349,6 +360,7 @@ impl<L: GroupLog> Dispatcher<L> {
             idle_since: None,
             hold_until: None,
             abdicated: false,
+            skip_logged: false,
             commands,
             feedback,
             leave,
@@ -542,10 +554,12 @@ impl<L: GroupLog> Dispatcher<L> {
             self.core.loaded(seq, event);
         }
         while self.core.wants_events() && self.core.cursor() <= self.log.head() {
-            let batch = self.log.read_from(self.core.cursor(), READ_BATCH).await?;
-            if batch.is_empty() {
+            let from = self.core.cursor();
+            let batch = self.log.read_from(from, READ_BATCH).await?;
+            let Some(first) = batch.first() else {
                 break;
-            }
+            };
+            self.gap(from, first.sequence);
             for event in batch {
                 self.core.read(event);
             }
@@ -559,17 +573,32 @@ impl<L: GroupLog> Dispatcher<L> {
         let head = self.log.head();
         let mut budget = LAG_SCAN_MAX;
         while self.core.unscanned_from() <= head && budget > 0 {
-            let batch = self
-                .log
-                .read_from(self.core.unscanned_from(), READ_BATCH)
-                .await?;
-            if batch.is_empty() {
+            let from = self.core.unscanned_from();
+            let batch = self.log.read_from(from, READ_BATCH).await?;
+            let Some(first) = batch.first() else {
                 break;
-            }
+            };
+            self.gap(from, first.sequence);
             self.core.scan(&batch);
             budget = budget.saturating_sub(batch.len());
         }
         Ok(())
+    }
+
+    /// Reading from `from` found `first` first: retention deleted what lay between
+    /// (a log loses events only at its start), and the group moves on past it.
+    fn gap(&mut self, from: u64, first: u64) {
+        if first <= from {
+            return;
+        }
+        let skipped = self.core.trimmed(first - 1);
+        if !L::COUNTS_TRIMS && skipped > 0 {
+            self.core.count_skipped(skipped);
+            if !self.skip_logged {
+                self.skip_logged = true;
+                tracing::warn!(group = %self.name(), skipped, first, "retention deleted events this group had not settled; it moves on past them");
+            }
+        }
     }
 
     /// The log is damaged where the group reads: every member's subscription ends
@@ -621,6 +650,9 @@ impl<L: GroupLog> Dispatcher<L> {
             }
             Command::Flush(reply) => {
                 let _ = reply.send(self.flush().await);
+            }
+            Command::Trimmed { floor } => {
+                self.core.trimmed(floor);
             }
             Command::Redrive { sequences, reply } => {
                 let _ = reply.send(self.redrive(sequences).await);

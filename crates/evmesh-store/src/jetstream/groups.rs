@@ -355,14 +355,14 @@ impl JetStreamGroups {
                 break;
             }
             let (attempts, reason, dead_at) = self.dead_record(&stream, group, seq).await?;
-            if let Some(event) = self.log.read_one(seq).await? {
-                letters.push(crate::DeadLetter {
-                    event: Arc::unwrap_or_clone(event),
-                    attempts,
-                    reason,
-                    dead_at,
-                });
-            }
+            let event = self.log.read_one(seq).await?;
+            letters.push(crate::DeadLetter {
+                sequence: seq,
+                event: event.map(|e| Arc::unwrap_or_clone(e).event),
+                attempts,
+                reason,
+                dead_at,
+            });
         }
         Ok(letters)
     }
@@ -691,11 +691,7 @@ mod tests {
         let dead = groups.dead_letters("billing.workers", 0, 10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(
-            (
-                dead[0].event.sequence,
-                dead[0].attempts,
-                dead[0].reason.as_str()
-            ),
+            (dead[0].sequence, dead[0].attempts, dead[0].reason.as_str()),
             (4, 2, "card declined")
         );
         drop(sub);

@@ -76,6 +76,9 @@ pub struct JetStreamConfig {
     pub publish_retry_for: Duration,
     /// Publishes the node keeps in flight to JetStream at once.
     pub publish_window: usize,
+    /// How much of the log to keep: the events stream's limits. Every node applies
+    /// its own at start: the nodes of a mesh should agree.
+    pub retention: crate::Retention,
 }
 
 impl JetStreamConfig {
@@ -88,6 +91,7 @@ impl JetStreamConfig {
             duplicate_window: Duration::from_secs(120),
             publish_retry_for: Duration::from_secs(10),
             publish_window: 4096,
+            retention: crate::Retention::default(),
         }
     }
 }
@@ -605,6 +609,30 @@ impl JetStreamLog {
         }
     }
 
+    /// Keeps the events stream within `retention` from now on.
+    pub async fn set_retention(&self, retention: crate::Retention) -> Result<()> {
+        let mut stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| unavailable("reading the events stream", e))?;
+        let existing = stream
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the events stream", e))?
+            .config
+            .clone();
+        let wanted = limited(existing.clone(), retention);
+        if !same_limits(&existing, &wanted) {
+            self.js
+                .update_stream(&wanted)
+                .await
+                .map_err(|e| unavailable("changing the events stream's limits", e))?;
+            tracing::info!(stream = EVENTS_STREAM, ?retention, "stream limits changed");
+        }
+        Ok(())
+    }
+
     /// Every stored schema version: those the types' heads list.
     pub async fn schemas(&self) -> Result<Vec<SchemaRecord>> {
         let mut records = Vec::new();
@@ -1002,8 +1030,24 @@ fn events_stream(config: &JetStreamConfig) -> stream::Config {
         deny_purge: true,
         duplicate_window: config.duplicate_window,
         metadata: [("evmesh.partitions".to_owned(), PARTITIONS.to_string())].into(),
-        ..Default::default()
+        ..limited(stream::Config::default(), config.retention)
     }
+}
+
+/// `config` with the stream limits that `retention` maps to (none when unset).
+fn limited(mut config: stream::Config, retention: crate::Retention) -> stream::Config {
+    config.max_age = retention.max_age.unwrap_or_default();
+    config.max_messages = retention
+        .max_events
+        .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    config.max_bytes = retention
+        .max_bytes
+        .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    config
+}
+
+fn same_limits(a: &stream::Config, b: &stream::Config) -> bool {
+    a.max_age == b.max_age && a.max_messages == b.max_messages && a.max_bytes == b.max_bytes
 }
 
 fn dlq_stream(config: &JetStreamConfig) -> stream::Config {
@@ -1059,6 +1103,18 @@ async fn ensure_stream(js: &jetstream::Context, wanted: stream::Config) -> Resul
     .flatten()
     .collect();
     if conflicts.is_empty() {
+        if !same_limits(&existing, &wanted) {
+            let limits = stream::Config {
+                max_age: wanted.max_age,
+                max_messages: wanted.max_messages,
+                max_bytes: wanted.max_bytes,
+                ..existing
+            };
+            js.update_stream(&limits)
+                .await
+                .map_err(|e| unavailable(&format!("changing the limits of stream {name}"), e))?;
+            tracing::info!(stream = %name, max_age = ?limits.max_age, max_messages = limits.max_messages, max_bytes = limits.max_bytes, "stream limits changed");
+        }
         Ok(())
     } else {
         Err(StoreError::FailedPrecondition(format!(

@@ -253,7 +253,12 @@ impl Store for JetStreamStore {
             },
             head_sequence: info.state.last_sequence,
             bytes: info.state.bytes,
+            work: None,
         })
+    }
+
+    async fn set_retention(&self, retention: crate::Retention) -> Result<()> {
+        self.log.set_retention(retention).await
     }
 
     async fn local_groups(&self) -> Vec<crate::NodeGroup> {

@@ -34,13 +34,18 @@ pub(crate) fn group_row(row: &sqlx::sqlite::SqliteRow) -> Result<GroupRow> {
 }
 
 /// Queues an op that answers on `reply` and waits for the answer.
-async fn ask<T>(log: &Log, op: impl FnOnce(oneshot::Sender<Result<T>>) -> WriteOp) -> Result<T> {
+pub(super) async fn ask<T>(
+    log: &Log,
+    op: impl FnOnce(oneshot::Sender<Result<T>>) -> WriteOp,
+) -> Result<T> {
     let (reply, done) = oneshot::channel();
     log.write(op(reply)).await?;
     done.await.map_err(|_| StoreError::ShuttingDown)?
 }
 
 impl GroupLog for Log {
+    const COUNTS_TRIMS: bool = true;
+
     fn head(&self) -> u64 {
         Log::head(self)
     }

@@ -30,6 +30,7 @@ use crate::{
 mod dispatch;
 mod error;
 mod migrations;
+mod retention;
 mod sync;
 mod writer;
 
@@ -61,6 +62,8 @@ pub struct Config {
     /// A durable group with no member and nothing timed for this long gives up its
     /// task (its state is in the log); the next call on it starts one again.
     pub idle_group_exit: Duration,
+    /// How much of the log to keep; changed later with [`Store::set_retention`].
+    pub retention: crate::Retention,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             integrity_check: true,
             integrity_check_max_bytes: 1 << 30,
             idle_group_exit: Duration::from_secs(5),
+            retention: crate::Retention::default(),
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct SqliteStore {
     groups: GroupRegistry<Log>,
     /// Resolves once the writer thread has stopped.
     writer_stopped: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
+    /// The retention limits its task keeps the log within.
+    retention: Arc<watch::Sender<crate::Retention>>,
 }
 
 /// What every task of the store shares: the writer, readers, the head of the log
@@ -100,6 +106,11 @@ pub(crate) struct Log {
     recent_max_bytes: usize,
     idle_group_exit: Duration,
     shutdown: watch::Sender<bool>,
+    /// Its syncs and what retention deleted, for the metrics.
+    work: crate::WorkTally,
+    /// The first sequence retention has not deleted: nothing below is read, from
+    /// memory either.
+    first: std::sync::atomic::AtomicU64,
 }
 
 struct Recent {
@@ -182,6 +193,7 @@ impl Log {
 
     /// Up to `max` events from `from` on, from memory when recent enough.
     pub(crate) async fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<StoredEvent>>> {
+        let from = from.max(self.first());
         {
             let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
             if from >= recent.first {
@@ -201,6 +213,17 @@ impl Log {
         Ok(rows_to_events(rows)?.into_iter().map(Arc::new).collect())
     }
 
+    /// The first sequence retention has not deleted.
+    pub(crate) fn first(&self) -> u64 {
+        self.first.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Retention deleted everything up to `upto`.
+    pub(crate) fn trimmed(&self, upto: u64) {
+        self.first
+            .fetch_max(upto + 1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub(crate) async fn read_one(&self, seq: u64) -> Result<Option<Arc<StoredEvent>>> {
         let events = self.read_from(seq, 1).await?;
         Ok(events.into_iter().next().filter(|e| e.sequence == seq))
@@ -211,7 +234,7 @@ impl Log {
     pub(crate) async fn floor_for(&self, position: StartPosition) -> Result<u64> {
         let head = self.head();
         Ok(match position {
-            StartPosition::Earliest => 0,
+            StartPosition::Earliest => self.first() - 1,
             StartPosition::Latest => head,
             StartPosition::Sequence(seq) => seq.saturating_sub(1).min(head),
             StartPosition::Time(t) => self.first_appended_at_or_after(unix_ms(t)).await? - 1,
@@ -220,7 +243,7 @@ impl Log {
 
     /// Binary search over appended_at, which never decreases with seq: no index needed.
     async fn first_appended_at_or_after(&self, ms: i64) -> Result<u64> {
-        let (mut lo, mut hi) = (1u64, self.head() + 1);
+        let (mut lo, mut hi) = (self.first(), self.head() + 1);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let at: Option<i64> =
@@ -374,6 +397,10 @@ impl SqliteStore {
             .fetch_one(&mut conn)
             .await?;
         let head = u64::try_from(head).unwrap_or(0);
+        let first: i64 = sqlx::query_scalar("SELECT COALESCE(MIN(seq), 1) FROM events")
+            .fetch_one(&mut conn)
+            .await?;
+        let first = u64::try_from(first).unwrap_or(1);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.readers.max(1))
             .min_connections(1)
@@ -393,6 +420,8 @@ impl SqliteStore {
             recent_max_bytes: config.recent_bytes,
             idle_group_exit: config.idle_group_exit,
             shutdown: watch::Sender::new(false),
+            work: crate::WorkTally::default(),
+            first: std::sync::atomic::AtomicU64::new(first),
         });
         // The writer opens its own connections (the pool keeps the WAL open
         // meanwhile); the one that migrated is done.
@@ -404,11 +433,19 @@ impl SqliteStore {
         )?;
         conn.close().await?;
         tracing::info!(path = %path.display(), head, "log opened");
+        let groups = GroupRegistry::new(log.clone());
+        let retention = watch::Sender::new(config.retention);
+        tokio::spawn(retention::run(
+            log.clone(),
+            groups.clone(),
+            retention.subscribe(),
+        ));
         Ok(Self {
-            groups: GroupRegistry::new(log.clone()),
+            groups,
             path: Arc::from(path.as_path()),
             log,
             writer_stopped: Arc::new(Mutex::new(Some(writer_stopped))),
+            retention: Arc::new(retention),
         })
     }
 
@@ -492,6 +529,11 @@ impl Store for SqliteStore {
         rows_to_events(rows)
     }
 
+    async fn set_retention(&self, retention: crate::Retention) -> Result<()> {
+        self.retention.send_replace(retention);
+        Ok(())
+    }
+
     async fn log_stats(&self) -> Result<crate::LogStats> {
         let first: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM events")
             .fetch_one(&self.log.pool)
@@ -503,6 +545,7 @@ impl Store for SqliteStore {
             first_sequence: first.and_then(|f| u64::try_from(f).ok()).unwrap_or(0),
             head_sequence: self.log.head(),
             bytes: size(&self.path) + size(Path::new(&wal)),
+            work: Some(self.log.work.read()),
         })
     }
 
@@ -543,7 +586,7 @@ impl Store for SqliteStore {
         self.groups.ask(group, Command::Flush).await?;
         let rows = sqlx::query(
             "SELECT d.seq, e.envelope, d.attempts, d.reason, d.dead_at
-             FROM dead_letters d JOIN events e ON e.seq = d.seq
+             FROM dead_letters d LEFT JOIN events e ON e.seq = d.seq
              WHERE d.grp = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
         )
         .bind(group)
@@ -553,8 +596,14 @@ impl Store for SqliteStore {
         .await?;
         rows.iter()
             .map(|row| {
+                let sequence: i64 = row.get(0);
+                let event = row
+                    .get::<Option<&[u8]>, _>(1)
+                    .map(|envelope| decode(sequence, envelope))
+                    .transpose()?;
                 Ok(DeadLetter {
-                    event: decode(row.get(0), row.get::<&[u8], _>(1))?,
+                    sequence: u64::try_from(sequence).unwrap_or(0),
+                    event: event.map(|e| e.event),
                     attempts: u32::try_from(row.get::<i64, _>(2)).unwrap_or(0),
                     reason: row.get(3),
                     dead_at: from_unix_ms(row.get(4)),

@@ -109,9 +109,15 @@ pub(crate) fn run(
             unsynced.settle(n);
             continue;
         }
-        match file.sync() {
+        let started = std::time::Instant::now();
+        let synced = file.sync();
+        let took = started.elapsed();
+        match synced {
             Ok(()) => {
                 let log = log.upgrade();
+                if let Some(log) = &log {
+                    log.work.synced(took);
+                }
                 for c in ready.drain(..) {
                     if let Some(log) = &log {
                         log.push_recent(c.fresh);
@@ -129,6 +135,9 @@ pub(crate) fn run(
                     file.path.display()
                 );
                 tracing::error!(error = %message, "sync failed");
+                if let Some(log) = log.upgrade() {
+                    log.work.sync_failed();
+                }
                 let message = failure.get_or_init(|| message);
                 fail(ready.drain(..), message);
             }

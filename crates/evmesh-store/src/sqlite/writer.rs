@@ -59,6 +59,12 @@ pub(crate) enum WriteOp {
         known: Vec<semver::Version>,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Deletes events up to `upto` (retention); groups that had not settled them
+    /// move on past them.
+    Trim {
+        upto: u64,
+        reply: oneshot::Sender<Result<Trim>>,
+    },
     /// Commit what came before, then stop.
     Stop {
         reply: oneshot::Sender<()>,
@@ -71,7 +77,17 @@ pub(crate) enum Outcome {
     Done(Option<oneshot::Sender<Result<()>>>),
     Sequences(oneshot::Sender<Result<Vec<u64>>>, Vec<u64>),
     Count(oneshot::Sender<Result<u64>>, u64),
+    Trimmed(oneshot::Sender<Result<Trim>>, Trim),
     Stop(oneshot::Sender<()>),
+}
+
+/// What a [`WriteOp::Trim`] deleted.
+#[derive(Debug, Default)]
+pub(crate) struct Trim {
+    pub deleted: u64,
+    /// Groups whose floor was below `upto`, with how many events they selected
+    /// and had not settled there.
+    pub groups: Vec<(String, u64)>,
 }
 
 impl Outcome {
@@ -83,6 +99,7 @@ impl Outcome {
             Outcome::Done(None) => {}
             Outcome::Sequences(reply, _) => drop(reply.send(Err(err()))),
             Outcome::Count(reply, _) => drop(reply.send(Err(err()))),
+            Outcome::Trimmed(reply, _) => drop(reply.send(Err(err()))),
             Outcome::Stop(reply) => drop(reply.send(())),
         }
     }
@@ -94,6 +111,7 @@ impl Outcome {
             Outcome::Done(None) => {}
             Outcome::Sequences(reply, seqs) => drop(reply.send(Ok(seqs))),
             Outcome::Count(reply, n) => drop(reply.send(Ok(n))),
+            Outcome::Trimmed(reply, trim) => drop(reply.send(Ok(trim))),
             Outcome::Stop(reply) => drop(reply.send(())),
         }
     }
@@ -300,6 +318,7 @@ impl WriteOp {
             WriteOp::Purge { reply, .. } | WriteOp::DeleteGroup { reply, .. } => {
                 Outcome::Count(reply, 0)
             }
+            WriteOp::Trim { reply, .. } => Outcome::Trimmed(reply, Trim::default()),
             WriteOp::Stop { reply } => Outcome::Stop(reply),
         }
     }
@@ -458,8 +477,106 @@ fn apply(
                 Outcome::Done(Some(reply))
             }
         }
+        WriteOp::Trim { upto, reply } => Outcome::Trimmed(reply, trim(tx, upto)?),
         WriteOp::Stop { reply } => Outcome::Stop(reply),
     })
+}
+
+/// Deletes the events up to `upto`. Each group whose floor is below moves it to
+/// `upto`, counting the events its patterns select that it had not settled (or had
+/// parked, or redriven) there; its dead letters stay, their events gone.
+fn trim(tx: &Transaction<'_>, upto: u64) -> Result<Trim> {
+    let first: Option<i64> = tx
+        .prepare_cached("SELECT min(seq) FROM events")?
+        .query_row([], |row| row.get(0))?;
+    let Some(first) = first.and_then(|f| u64::try_from(f).ok()) else {
+        return Ok(Trim::default());
+    };
+    if first > upto {
+        return Ok(Trim::default());
+    }
+    let mut behind = Vec::new();
+    {
+        let mut rows =
+            tx.prepare_cached("SELECT name, patterns, ack_floor FROM groups WHERE ack_floor < ?1")?;
+        let mut rows = rows.query(params![seq_param(upto)])?;
+        while let Some(row) = rows.next()? {
+            let (name, patterns, floor): (String, String, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            behind.push((name, patterns, u64::try_from(floor).unwrap_or(0)));
+        }
+    }
+    let mut trim = Trim::default();
+    let mut events: Option<Vec<(u64, String, String)>> = None;
+    for (group, patterns, floor) in behind {
+        let patterns: Vec<Pattern> = patterns
+            .lines()
+            .filter_map(|p| Pattern::parse(p).ok())
+            .collect();
+        let events = match &mut events {
+            Some(events) => events,
+            None => events.insert(trimmed_types(tx, first, upto)?),
+        };
+        let in_range = |sql: &str| -> Result<std::collections::HashSet<u64>> {
+            let mut stmt = tx.prepare_cached(sql)?;
+            let seqs =
+                stmt.query_map(params![group, seq_param(upto)], |row| row.get::<_, i64>(0))?;
+            let mut set = std::collections::HashSet::new();
+            for seq in seqs {
+                set.extend(u64::try_from(seq?).ok());
+            }
+            Ok(set)
+        };
+        let settled = in_range("SELECT seq FROM group_settled WHERE grp = ?1 AND seq <= ?2")?;
+        let parked = in_range("SELECT seq FROM group_delayed WHERE grp = ?1 AND seq <= ?2")?;
+        let redriven = in_range("SELECT seq FROM group_redrive WHERE grp = ?1 AND seq <= ?2")?;
+        // Parked and redriven events count as settled for the floor; they are not.
+        let skipped = events
+            .iter()
+            .filter(|(seq, ty, version)| {
+                *seq > floor
+                    && !settled.contains(seq)
+                    && patterns.iter().any(|p| p.matches(ty, version))
+            })
+            .count()
+            + parked.union(&redriven).count();
+        tx.prepare_cached("UPDATE groups SET ack_floor = ?1 WHERE name = ?2")?
+            .execute(params![seq_param(upto), group])?;
+        for sql in [
+            "DELETE FROM group_settled WHERE grp = ?1 AND seq <= ?2",
+            "DELETE FROM group_delayed WHERE grp = ?1 AND seq <= ?2",
+            "DELETE FROM group_redrive WHERE grp = ?1 AND seq <= ?2",
+        ] {
+            tx.prepare_cached(sql)?
+                .execute(params![group, seq_param(upto)])?;
+        }
+        trim.groups.push((group, skipped as u64));
+    }
+    trim.deleted = tx
+        .prepare_cached("DELETE FROM events WHERE seq <= ?1")?
+        .execute(params![seq_param(upto)])? as u64;
+    Ok(trim)
+}
+
+/// The sequence, type and schema version of each event from `first` to `upto`; an
+/// event that does not decode selects nothing.
+fn trimmed_types(
+    tx: &Transaction<'_>,
+    first: u64,
+    upto: u64,
+) -> Result<Vec<(u64, String, String)>> {
+    let mut stmt =
+        tx.prepare_cached("SELECT seq, envelope FROM events WHERE seq >= ?1 AND seq <= ?2")?;
+    let mut rows = stmt.query(params![seq_param(first), seq_param(upto)])?;
+    let mut events = Vec::new();
+    while let Some(row) = rows.next()? {
+        let seq = u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0);
+        let envelope: Vec<u8> = row.get(1)?;
+        if let Ok(event) = <Event as prost::Message>::decode(envelope.as_slice()) {
+            events.push((seq, event.r#type, event.schema_version));
+        }
+    }
+    Ok(events)
 }
 
 /// Whether the stored version strings are exactly `known`, in any order.
@@ -548,15 +665,21 @@ fn checkpoint(tx: &Transaction<'_>, c: &Checkpoint) -> Result<()> {
                 .execute(params![c.group, seq_param(*seq)])?,
         };
     }
-    tx.prepare_cached("UPDATE groups SET ack_floor = ?1 WHERE name = ?2")?
-        .execute(params![seq_param(c.floor), c.group])?;
-    tx.prepare_cached("DELETE FROM group_settled WHERE grp = ?1 AND seq <= ?2")?
-        .execute(params![c.group, seq_param(c.floor)])?;
+    // Retention may have moved the floor past the dispatcher's: only a seek
+    // (a reset) moves it back.
+    tx.prepare_cached(
+        "UPDATE groups SET ack_floor = CASE WHEN ?3 THEN ?1 ELSE max(ack_floor, ?1) END WHERE name = ?2",
+    )?
+    .execute(params![seq_param(c.floor), c.group, c.changes.reset])?;
     let mut settle =
         tx.prepare_cached("INSERT OR IGNORE INTO group_settled (grp, seq) VALUES (?1, ?2)")?;
     for &seq in c.changes.settled.iter().filter(|&&s| s > c.floor) {
         settle.execute(params![c.group, seq_param(seq)])?;
     }
+    tx.prepare_cached(
+        "DELETE FROM group_settled WHERE grp = ?1 AND seq <= (SELECT ack_floor FROM groups WHERE name = ?1)",
+    )?
+    .execute(params![c.group])?;
     let mut unredrive =
         tx.prepare_cached("DELETE FROM group_redrive WHERE grp = ?1 AND seq = ?2")?;
     for &seq in &c.changes.unredrive {
