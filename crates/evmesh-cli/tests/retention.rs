@@ -27,6 +27,20 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// A member of group "slow" (ret.>, one delivery each).
+async fn join_slow(client: &mut pb::mesh_client::MeshClient<tonic::transport::Channel>) -> Sub {
+    Sub::open(
+        client,
+        pb::SubscribeOpen {
+            group: "slow".into(),
+            max_deliveries: 1,
+            ..open(&["ret.>"])
+        },
+    )
+    .await
+    .unwrap()
+}
+
 fn metric(node: &Served, series: &str) -> Option<f64> {
     sample(&get(&node.http, "/metrics").2, series)
 }
@@ -49,16 +63,7 @@ fn retention_deletes_the_oldest_and_a_lagging_group_moves_on() {
 
     // Group "slow" dead-letters the first event, then its member leaves.
     runtime.block_on(async {
-        let mut sub = Sub::open(
-            &mut client,
-            pb::SubscribeOpen {
-                group: "slow".into(),
-                max_deliveries: 1,
-                ..open(&["ret.>"])
-            },
-        )
-        .await
-        .unwrap();
+        let mut sub = join_slow(&mut client).await;
         publish(&mut client, event_with_id("ret.test", "r-0")).await;
         let first = sub.next().await;
         sub.nack(&[first.sequence], Duration::ZERO, "refused").await;
@@ -125,16 +130,7 @@ fn retention_deletes_the_oldest_and_a_lagging_group_moves_on() {
         assert_eq!(letters[0].reason, "refused");
 
         // A member that joins now gets the kept events of its type, from the first.
-        let mut sub = Sub::open(
-            &mut client,
-            pb::SubscribeOpen {
-                group: "slow".into(),
-                max_deliveries: 1,
-                ..open(&["ret.>"])
-            },
-        )
-        .await
-        .unwrap();
+        let mut sub = join_slow(&mut client).await;
         let expected: Vec<u64> = acks
             .iter()
             .zip(&selected)

@@ -461,6 +461,14 @@ async fn a_schema_registered_on_one_node_is_known_on_every_node() {
     .await;
 }
 
+/// Group "lagging" on every shop event.
+fn lagging() -> pb::SubscribeOpen {
+    pb::SubscribeOpen {
+        group: "lagging".into(),
+        ..open(&["shop.>"])
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_maps_to_the_stream_limits_and_a_lagging_group_moves_on() {
     let server = NatsServer::start().await;
@@ -480,15 +488,7 @@ async fn retention_maps_to_the_stream_limits_and_a_lagging_group_moves_on() {
     );
 
     let mut client = node.client().await;
-    let mut sub = Sub::open(
-        &mut client,
-        pb::SubscribeOpen {
-            group: "lagging".into(),
-            ..open(&["shop.>"])
-        },
-    )
-    .await
-    .unwrap();
+    let mut sub = Sub::open(&mut client, lagging()).await.unwrap();
     publish(&mut client, event_with_id("shop.order.placed", "l-0")).await;
     let first = sub.next().await;
     sub.ack(&[first.sequence]).await;
@@ -510,15 +510,7 @@ async fn retention_maps_to_the_stream_limits_and_a_lagging_group_moves_on() {
     node.stop().await;
     let node = TestNode::on_jetstream(limited.clone()).await;
     let mut client = node.client().await;
-    let mut sub = Sub::open(
-        &mut client,
-        pb::SubscribeOpen {
-            group: "lagging".into(),
-            ..open(&["shop.>"])
-        },
-    )
-    .await
-    .unwrap();
+    let mut sub = Sub::open(&mut client, lagging()).await.unwrap();
     for seq in head - 19..=head {
         let d = sub.next().await;
         assert_eq!(d.sequence, seq);
