@@ -19,6 +19,9 @@ impl pb::mesh_server::Mesh for Echo {
     type SubscribeStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, tonic::Status>> + Send>,
     >;
+    type BackupStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, tonic::Status>> + Send>,
+    >;
 
     async fn publish(
         &self,
@@ -106,6 +109,13 @@ impl pb::mesh_server::Mesh for Echo {
         &self,
         _: tonic::Request<pb::ListNodesRequest>,
     ) -> Result<tonic::Response<pb::ListNodesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+
+    async fn backup(
+        &self,
+        _: tonic::Request<pb::BackupRequest>,
+    ) -> Result<tonic::Response<Self::BackupStream>, tonic::Status> {
         Err(tonic::Status::unimplemented(""))
     }
 }

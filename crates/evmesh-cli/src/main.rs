@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod ops;
 mod output;
 mod schema;
 mod serve;
@@ -40,6 +41,8 @@ impl Command {
             Command::Schema(a) => Some(&mut a.node),
             Command::Health(a) => Some(&mut a.node),
             Command::Nodes(a) => Some(&mut a.node),
+            Command::Backup(a) => Some(&mut a.node),
+            Command::Restore(_) => None,
         }
     }
 }
@@ -64,6 +67,10 @@ enum Command {
     Health(commands::HealthArgs),
     /// The nodes of the mesh and the durable groups each one serves.
     Nodes(commands::NodesArgs),
+    /// Write a consistent snapshot of a running node's log to a file.
+    Backup(ops::BackupArgs),
+    /// Lay out a backup as a data directory that `evmesh serve --data DIR` starts on.
+    Restore(ops::RestoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -224,6 +231,8 @@ fn main() -> ExitCode {
             Command::Schema(args) => schema::run(args).await,
             Command::Health(args) => commands::health(args).await,
             Command::Nodes(args) => commands::nodes(args).await,
+            Command::Backup(args) => ops::backup(args).await,
+            Command::Restore(args) => ops::restore(args).await,
         }
     });
     match result {

@@ -106,7 +106,7 @@ fn retention_deletes_the_oldest_and_a_lagging_group_moves_on() {
     );
     assert!(metric(&node, "evmesh_log_sync_duration_seconds_count").unwrap() > 0.0);
     assert_eq!(metric(&node, "evmesh_log_sync_failures_total"), Some(0.0));
-    // Three batches, one warning.
+    // Several batches, one warning.
     let warned = node.logged(SKIPPING);
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert_eq!(warned[0]["fields"]["group"], "slow");

@@ -16,6 +16,7 @@ use evmesh_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+mod backup;
 mod catalog;
 mod convert;
 pub mod envelope;

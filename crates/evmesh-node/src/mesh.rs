@@ -658,6 +658,19 @@ fn limit(requested: u32, max: u32) -> usize {
 impl<S: Store> Mesh for MeshService<S> {
     type PublishStream = BoxStream<pb::PublishResponse>;
     type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+    type BackupStream = BoxStream<pb::BackupChunk>;
+
+    async fn backup(
+        &self,
+        _request: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let started = std::time::Instant::now();
+        let snapshot = self.store.snapshot().await.map_err(status)?;
+        tracing::info!(bytes = snapshot.bytes, head = snapshot.head_sequence, took = ?started.elapsed(), "backup taken; streaming it");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || crate::backup::stream(snapshot, &tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn publish(
         &self,

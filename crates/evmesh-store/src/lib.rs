@@ -166,6 +166,15 @@ pub struct LogStats {
     pub work: Option<LogWork>,
 }
 
+/// A snapshot file written by [`Store::snapshot`].
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
+    /// The last sequence it holds.
+    pub head_sequence: u64,
+}
+
 /// What the embedded log did since it started: its syncs to disk and the events
 /// retention deleted.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -442,6 +451,17 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// The log's first and last sequence and its size on disk, for the metrics.
     fn log_stats(&self) -> impl Future<Output = Result<LogStats>> + Send;
+
+    /// Writes a consistent snapshot of the log into a new file beside it (groups'
+    /// latest positions first checkpointed), checked, while the store keeps
+    /// serving. The caller removes the file. Only the embedded log has one to give.
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot>> + Send {
+        async {
+            Err(StoreError::FailedPrecondition(
+                "this node's events are in NATS JetStream: back up its streams and buckets with NATS's own tools (nats stream backup, nats kv)".into(),
+            ))
+        }
+    }
 
     /// Keeps the log within `retention` from now on (see [`Retention`]).
     fn set_retention(&self, retention: Retention) -> impl Future<Output = Result<()>> + Send;

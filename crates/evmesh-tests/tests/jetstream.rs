@@ -538,3 +538,21 @@ async fn retention_maps_to_the_stream_limits_and_a_lagging_group_moves_on() {
     assert_eq!((limits.max_messages, limits.max_age), (-1, Duration::ZERO));
     drop(relimited);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_jetstream_refuses_a_backup_and_names_the_tools() {
+    let server = NatsServer::start().await;
+    let node = TestNode::on_jetstream(config(&server)).await;
+    let refused = node
+        .client()
+        .await
+        .backup(pb::BackupRequest {})
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("nats stream backup"),
+        "{refused:?}"
+    );
+}

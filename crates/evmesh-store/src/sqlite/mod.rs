@@ -373,6 +373,66 @@ async fn quick_check(conn: &mut sqlx::SqliteConnection, path: &std::path::Path) 
     )))
 }
 
+/// What [`check_snapshot`] found in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    pub events: u64,
+    pub head_sequence: u64,
+    pub groups: u64,
+    pub schemas: u64,
+}
+
+/// Checks that `path` is a whole evmesh log: SQLite's `integrity_check` passes
+/// and it holds the log's tables. Opens it read-only; changes nothing.
+pub async fn check_snapshot(path: &Path) -> Result<SnapshotSummary> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .immutable(true);
+    let mut conn = options.connect().await.map_err(|e| {
+        StoreError::FailedPrecondition(format!("{} is not an SQLite database: {e}", path.display()))
+    })?;
+    let found: Vec<String> = match sqlx::query_scalar("PRAGMA integrity_check(8)")
+        .fetch_all(&mut conn)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => vec![e.to_string()],
+    };
+    if !(found.len() == 1 && found[0] == "ok") {
+        return Err(StoreError::FailedPrecondition(format!(
+            "{} failed its integrity check: {}",
+            path.display(),
+            found.join("; ")
+        )));
+    }
+    let not_ours = |e: sqlx::Error| {
+        StoreError::FailedPrecondition(format!("{} is not an evmesh log ({e})", path.display()))
+    };
+    let mut counts = [0u64; 4];
+    for (n, sql) in counts.iter_mut().zip([
+        "SELECT COUNT(*) FROM events",
+        "SELECT COALESCE(MAX(seq), 0) FROM events",
+        "SELECT COUNT(*) FROM groups",
+        "SELECT COUNT(*) FROM schemas",
+    ]) {
+        let found: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(not_ours)?;
+        *n = u64::try_from(found).unwrap_or(0);
+    }
+    let [events, head_sequence, groups, schemas] = counts;
+    let summary = SnapshotSummary {
+        events,
+        head_sequence,
+        groups,
+        schemas,
+    };
+    conn.close().await?;
+    Ok(summary)
+}
+
 impl SqliteStore {
     /// Opens (creating when missing) the log in `config.data_dir`, applies the
     /// migrations and starts the writer.
@@ -527,6 +587,44 @@ impl Store for SqliteStore {
         .fetch_all(&self.log.pool)
         .await?;
         rows_to_events(rows)
+    }
+
+    async fn snapshot(&self) -> Result<crate::Snapshot> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        // The groups running here checkpoint their latest positions first.
+        for (group, _) in self.groups.local().await {
+            match self.groups.ask(&group, Command::Flush).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let path = dir.join(format!(".evmesh-backup-{}-{stamp}.db", std::process::id()));
+        let taken = async {
+            let target = path.to_str().ok_or_else(|| {
+                StoreError::InvalidArgument(format!("{} is not UTF-8", path.display()))
+            })?;
+            // One read transaction over the whole database: consistent, and the
+            // writer never waits for it.
+            sqlx::query("VACUUM INTO ?")
+                .bind(target)
+                .execute(&self.log.pool)
+                .await?;
+            let summary = check_snapshot(&path).await?;
+            Ok(crate::Snapshot {
+                bytes: std::fs::metadata(&path)?.len(),
+                head_sequence: summary.head_sequence,
+                path: path.clone(),
+            })
+        }
+        .await;
+        if taken.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        taken
     }
 
     async fn set_retention(&self, retention: crate::Retention) -> Result<()> {

@@ -16,9 +16,9 @@ use crate::dispatch::GroupRegistry;
 use crate::{Result, Retention};
 
 /// The most events one transaction deletes.
-pub(crate) const BATCH: u64 = 1000;
+pub(crate) const BATCH: u64 = 250;
 /// The pause between batches while the log is over a limit.
-const PAUSE: Duration = Duration::from_millis(5);
+const PAUSE: Duration = Duration::from_millis(2);
 /// How often the limits are checked when the log is within them.
 const EVERY: Duration = Duration::from_secs(1);
 /// How long the task waits with no limit set (a reload wakes it).
