@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod config;
 mod ops;
 mod output;
 mod schema;
@@ -42,7 +43,7 @@ impl Command {
             Command::Health(a) => Some(&mut a.node),
             Command::Nodes(a) => Some(&mut a.node),
             Command::Backup(a) => Some(&mut a.node),
-            Command::Restore(_) => None,
+            Command::Restore(_) | Command::Config(_) => None,
         }
     }
 }
@@ -71,6 +72,8 @@ enum Command {
     Backup(ops::BackupArgs),
     /// Lay out a backup as a data directory that `evmesh serve --data DIR` starts on.
     Restore(ops::RestoreArgs),
+    /// The configuration file of `evmesh serve --config`.
+    Config(config::ConfigArgs),
 }
 
 #[derive(clap::Args)]
@@ -78,6 +81,18 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "EVMESH_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// A TOML file with a key for any of these flags (its name without the dashes);
+    /// flags and the environment win over it. SIGHUP reads it again.
+    #[arg(long, env = "EVMESH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the settings the node would run with, each with where it came from
+    /// (secrets redacted), and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// What the node logs: a level (error, warn, info, debug, trace) or
+    /// tracing-subscriber directives (evmesh_store=debug,info).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
     /// Address of the HTTP listener (/metrics, /healthz, /readyz), or `off`.
     #[arg(long, env = "EVMESH_HTTP_LISTEN", default_value = "127.0.0.1:50080")]
     http_listen: serve::HttpListen,
@@ -85,7 +100,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "EVMESH_DATA", default_value = "./evmesh-data")]
     data: PathBuf,
     /// How logs are written to stderr: text for people, json (one object per line)
-    /// for log collectors. `RUST_LOG` filters them (default info).
+    /// for log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Store events of types with no registered schema, unvalidated, instead of
@@ -172,6 +187,9 @@ pub(crate) struct ServeArgs {
     /// use, without its write-ahead file.
     #[arg(long, env = "EVMESH_RETENTION_MAX_BYTES", value_parser = serve::size)]
     retention_max_bytes: Option<u64>,
+    /// Every setting with its source, filled in after parsing.
+    #[arg(skip)]
+    settings: Vec<config::Setting>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -186,7 +204,8 @@ pub(crate) enum LogFormat {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let mut cli = match Cli::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version
@@ -201,6 +220,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Serve(args) = &cli.command {
+        // The config file, under the flags and the environment.
+        match config::apply(&argv, args.config.as_deref()) {
+            Ok((mut merged, settings)) => {
+                if let Command::Serve(args) = &mut merged.command {
+                    args.settings = settings;
+                }
+                cli = merged;
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                let first = message.lines().next().unwrap_or("invalid configuration");
+                eprintln!("evmesh: {}", first.trim_start_matches("error: "));
+                return ExitCode::from(2);
+            }
+        }
+    }
     if let Some(server) = cli.server.take() {
         match cli.command.node() {
             Some(node) => node.server = server,
@@ -233,6 +269,7 @@ fn main() -> ExitCode {
             Command::Nodes(args) => commands::nodes(args).await,
             Command::Backup(args) => ops::backup(args).await,
             Command::Restore(args) => ops::restore(args).await,
+            Command::Config(args) => config::run(args),
         }
     });
     match result {

@@ -10,19 +10,141 @@ use evmesh_store::sqlite::{Config, SqliteStore};
 
 use crate::{LogFormat, ServeArgs};
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+/// Changes what the node logs while it runs.
+type SetFilter = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+
+fn filter(directives: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    tracing_subscriber::EnvFilter::try_new(directives)
+        .map_err(|e| anyhow::anyhow!("--log-level {directives:?}: {e}"))
+}
+
+fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<SetFilter> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(filter(level)?);
+    let ansi = std::io::stderr().is_terminal();
+    let registry = tracing_subscriber::registry().with(layer);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false),
+            )
+            .init(),
+    }
+    Ok(Box::new(move |level: &str| {
+        let new = filter(level)?;
+        handle
+            .reload(new)
+            .map_err(|e| anyhow::anyhow!("changing the log level: {e}"))
+    }))
+}
+
+/// The checks `serve` makes of its settings beyond each flag's own.
+pub(crate) fn check(args: &ServeArgs) -> anyhow::Result<()> {
+    for (flag, value) in [
+        ("--max-payload-bytes", args.max_payload_bytes),
+        ("--max-schema-bytes", args.max_schema_bytes),
+        ("--max-schema-types", args.max_schema_types),
+        ("--max-schema-versions", args.max_schema_versions),
+        ("--max-connections", args.max_connections),
+        (
+            "--max-streams-per-connection",
+            args.max_streams_per_connection as usize,
+        ),
+    ] {
+        if value == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
+    if args.nats_replicas == 0 {
+        anyhow::bail!("--nats-replicas must be at least 1");
+    }
+    filter(&args.log_level)?;
+    Ok(())
+}
+
+fn retention(args: &ServeArgs) -> evmesh_store::Retention {
+    evmesh_store::Retention {
+        max_age: args.retention_max_age,
+        max_events: args.retention_max_events,
+        max_bytes: args.retention_max_bytes,
     }
 }
 
+/// On SIGHUP: reads the config file again and applies what a running node can
+/// change (the log level, retention); says what else changed and waits for a
+/// restart.
+async fn reload_on_hangup<S: evmesh_store::Store + Clone>(
+    store: S,
+    set_filter: Option<SetFilter>,
+    mut running: Vec<crate::config::Setting>,
+    config: Option<std::path::PathBuf>,
+) {
+    #[cfg(unix)]
+    {
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP");
+                    return;
+                }
+            };
+        while hangups.recv().await.is_some() {
+            let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            let Some(path) = &config else {
+                tracing::info!("SIGHUP: no --config file to read again");
+                continue;
+            };
+            let (cli, settings) = match crate::config::apply(&argv, Some(path)) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: the config file is refused; the node keeps its settings");
+                    continue;
+                }
+            };
+            let crate::Command::Serve(args) = cli.command else {
+                continue;
+            };
+            let mut applied = Vec::new();
+            let mut pending = Vec::new();
+            for new in &settings {
+                let old = running.iter().find(|s| s.key == new.key);
+                if old.is_some_and(|old| old.value == new.value) {
+                    continue;
+                }
+                if crate::config::RELOADABLE.contains(&new.key.as_str()) {
+                    applied.push(new.key.clone());
+                } else {
+                    pending.push(new.key.clone());
+                }
+            }
+            if applied.iter().any(|k| k == "log-level")
+                && let Some(set) = &set_filter
+                && let Err(e) = set(&args.log_level)
+            {
+                tracing::error!(error = %e, "SIGHUP: the log level stays");
+            }
+            if applied.iter().any(|k| k.starts_with("retention-"))
+                && let Err(e) = store.set_retention(retention(&args)).await
+            {
+                tracing::error!(error = %e, "SIGHUP: changing retention");
+            }
+            tracing::info!(changed = ?applied, needs_restart = ?pending, "configuration read again");
+            running = settings;
+        }
+    }
+}
 async fn signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -50,37 +172,22 @@ async fn signal() {
     }
 }
 
-pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     // With an OTLP endpoint configured, the node's spans join the publishers' traces.
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
-    let _telemetry = if exporting {
+    if args.print_config {
+        print!("{}", crate::config::print(&args.settings));
+        return Ok(());
+    }
+    check(&args)?;
+    let (_telemetry, set_filter) = if exporting {
         let json = matches!(args.log_format, LogFormat::Json);
-        Some(
-            evmesh_client::telemetry::init_with("evmesh", None, json)
-                .context("setting up OTLP export")?,
-        )
+        let telemetry = evmesh_client::telemetry::init_with("evmesh", None, json)
+            .context("setting up OTLP export")?;
+        (Some(telemetry), None)
     } else {
-        init_logging(args.log_format);
-        None
+        (None, Some(init_logging(args.log_format, &args.log_level)?))
     };
-    for (flag, value) in [
-        ("--max-payload-bytes", args.max_payload_bytes),
-        ("--max-schema-bytes", args.max_schema_bytes),
-        ("--max-schema-types", args.max_schema_types),
-        ("--max-schema-versions", args.max_schema_versions),
-        ("--max-connections", args.max_connections),
-        (
-            "--max-streams-per-connection",
-            args.max_streams_per_connection as usize,
-        ),
-    ] {
-        if value == 0 {
-            anyhow::bail!("{flag} must be at least 1");
-        }
-    }
-    if args.nats_replicas == 0 {
-        anyhow::bail!("--nats-replicas must be at least 1");
-    }
     let config = NodeConfig {
         limits: Limits {
             max_payload_bytes: args.max_payload_bytes,
@@ -105,11 +212,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         advertise: args.advertise.clone(),
         ..NodeConfig::default()
     };
-    let retention = evmesh_store::Retention {
-        max_age: args.retention_max_age,
-        max_events: args.retention_max_events,
-        max_bytes: args.retention_max_bytes,
-    };
+    let retention = retention(&args);
+    let settings = std::mem::take(&mut args.settings);
     if retention.limits() {
         tracing::info!(max_age = ?retention.max_age, max_events = ?retention.max_events, max_bytes = ?retention.max_bytes, "retention");
     }
@@ -123,7 +227,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = listen(&args).await?;
         let http = listen_http(&args).await?;
         tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), data = %args.data.display(), "serving");
+        let reload = tokio::spawn(reload_on_hangup(
+            store.clone(),
+            set_filter,
+            settings,
+            args.config.clone(),
+        ));
         evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
+        reload.abort();
     } else {
         let mut nats = nats_config(&args);
         nats.retention = retention;
@@ -133,7 +244,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = listen(&args).await?;
         let http = listen_http(&args).await?;
         tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), nats = %args.nats.join(","), "serving");
+        let reload = tokio::spawn(reload_on_hangup(
+            store.clone(),
+            set_filter,
+            settings,
+            args.config.clone(),
+        ));
         evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
+        reload.abort();
     }
     Ok(())
 }
