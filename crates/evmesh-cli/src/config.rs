@@ -21,11 +21,13 @@ const META: [&str; 3] = ["config", "print-config", "help"];
 const SECRETS: [&str; 2] = ["nats-password", "nats-token"];
 
 /// Settings a running node takes again on SIGHUP.
-pub(crate) const RELOADABLE: [&str; 4] = [
+pub(crate) const RELOADABLE: [&str; 6] = [
     "log-level",
     "retention-max-age",
     "retention-max-events",
     "retention-max-bytes",
+    "max-connections",
+    "max-schema-versions",
 ];
 
 /// One key of a config file: the flags it stands for, and its line.

@@ -87,6 +87,7 @@ fn retention(args: &ServeArgs) -> evmesh_store::Retention {
 async fn reload_on_hangup<S: evmesh_store::Store + Clone>(
     store: S,
     set_filter: Option<SetFilter>,
+    live: std::sync::Arc<evmesh_node::LiveLimits>,
     mut running: Vec<crate::config::Setting>,
     config: Option<std::path::PathBuf>,
 ) {
@@ -135,6 +136,12 @@ async fn reload_on_hangup<S: evmesh_store::Store + Clone>(
             {
                 tracing::error!(error = %e, "SIGHUP: the log level stays");
             }
+            if let Err(e) = check(&args) {
+                tracing::error!(error = %e, "SIGHUP: the config file is refused; the node keeps its settings");
+                continue;
+            }
+            live.set_max_connections(args.max_connections);
+            live.set_max_schema_versions(args.max_schema_versions);
             if applied.iter().any(|k| k.starts_with("retention-"))
                 && let Err(e) = store.set_retention(retention(&args)).await
             {
@@ -188,6 +195,7 @@ pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     } else {
         (None, Some(init_logging(args.log_format, &args.log_level)?))
     };
+    let live = std::sync::Arc::new(evmesh_node::LiveLimits::default());
     let config = NodeConfig {
         limits: Limits {
             max_payload_bytes: args.max_payload_bytes,
@@ -210,6 +218,7 @@ pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         trace_events: exporting,
         node_name: args.node_name.clone(),
         advertise: args.advertise.clone(),
+        live: live.clone(),
         ..NodeConfig::default()
     };
     let retention = retention(&args);
@@ -230,6 +239,7 @@ pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         let reload = tokio::spawn(reload_on_hangup(
             store.clone(),
             set_filter,
+            live.clone(),
             settings,
             args.config.clone(),
         ));
@@ -247,6 +257,7 @@ pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         let reload = tokio::spawn(reload_on_hangup(
             store.clone(),
             set_filter,
+            live.clone(),
             settings,
             args.config.clone(),
         ));

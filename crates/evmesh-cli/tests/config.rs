@@ -199,7 +199,7 @@ fn sighup_applies_a_new_log_level_and_retention() {
 
     std::fs::write(
         &path,
-        "allow-unregistered = true\nlog-level = \"debug\"\nretention-max-events = 100\nmax-connections = 7\n",
+        "allow-unregistered = true\nlog-level = \"debug\"\nretention-max-events = 100\nmax-connections = 7\nmax-payload-bytes = 2048\n",
     )
     .unwrap();
     hup();
@@ -209,11 +209,12 @@ fn sighup_applies_a_new_log_level_and_retention() {
         changed.contains("log-level") && changed.contains("retention-max-events"),
         "{read:?}"
     );
+    assert!(changed.contains("max-connections"), "{read:?}");
     assert!(
         read[0]["fields"]["needs_restart"]
             .as_str()
             .unwrap()
-            .contains("max-connections"),
+            .contains("max-payload-bytes"),
         "{read:?}"
     );
     // Retention now holds the log to 100 events, and says so at debug level.
@@ -225,5 +226,20 @@ fn sighup_applies_a_new_log_level_and_retention() {
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_for("retention", 1);
+    // The new connection cap holds: with 7 open, an 8th is closed.
+    let held: Vec<std::net::TcpStream> = (0..7)
+        .map(|_| std::net::TcpStream::connect(&node.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!node.run(&["health"]).status.success());
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.run(&["health"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not take connections again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(node.terminate().success());
 }

@@ -56,6 +56,39 @@ pub struct NodeConfig {
     /// Where clients reach the node, as `ListNodes` tells them; `None`: the
     /// address it listens on (the host's name when that is unspecified).
     pub advertise: Option<String>,
+    /// The limits the node takes again while it runs; set from the limits above
+    /// at start.
+    pub live: Arc<LiveLimits>,
+}
+
+/// The limits a running node takes again without a restart (SIGHUP): each read
+/// where it applies, as it is now.
+#[derive(Debug, Default)]
+pub struct LiveLimits {
+    max_connections: std::sync::atomic::AtomicUsize,
+    max_schema_versions: std::sync::atomic::AtomicUsize,
+}
+
+impl LiveLimits {
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_max_connections(&self, n: usize) {
+        self.max_connections
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn max_schema_versions(&self) -> usize {
+        self.max_schema_versions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_max_schema_versions(&self, n: usize) {
+        self.max_schema_versions
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Default for NodeConfig {
@@ -69,6 +102,7 @@ impl Default for NodeConfig {
             shutdown_grace: std::time::Duration::from_secs(10),
             node_name: None,
             advertise: None,
+            live: Arc::default(),
         }
     }
 }
@@ -123,6 +157,12 @@ pub async fn serve_with_http<S: Store>(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    config
+        .live
+        .set_max_connections(config.connections.max_connections);
+    config
+        .live
+        .set_max_schema_versions(config.registry.max_versions);
     // Kept only where something can read them.
     let metrics = Arc::new(metrics::Metrics::new(http.is_some()));
     let open_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -169,8 +209,13 @@ pub async fn serve_with_http<S: Store>(
     .max_decoding_message_size(decode_limit)
     .max_encoding_message_size(decode_limit);
     let registry = SchemaRegistryServer::new(
-        registry::RegistryService::new(store.clone(), catalogs.clone(), config.registry.clone())
-            .with_metrics(metrics.clone()),
+        registry::RegistryService::new(
+            store.clone(),
+            catalogs.clone(),
+            config.registry.clone(),
+            config.live.clone(),
+        )
+        .with_metrics(metrics.clone()),
     )
     .max_decoding_message_size(registry_limit)
     .max_encoding_message_size(registry_limit);
@@ -199,7 +244,12 @@ pub async fn serve_with_http<S: Store>(
         tracing::info!(addr = %http.local_addr()?, "serving http");
         tokio::spawn(http::serve(http, store.clone(), metrics, down_rx.clone()));
     }
-    let incoming = listener::incoming(listener, limits.clone(), open_connections);
+    let incoming = listener::incoming(
+        listener,
+        limits.clone(),
+        config.live.clone(),
+        open_connections,
+    );
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .initial_stream_window_size(limits.stream_window)

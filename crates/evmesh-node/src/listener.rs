@@ -97,11 +97,13 @@ impl Warning {
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
+    live: Arc<crate::LiveLimits>,
     open: Arc<AtomicUsize>,
 ) -> impl Stream<Item = io::Result<Conn>> {
     struct State {
         listener: TcpListener,
         limits: ConnectionLimits,
+        live: Arc<crate::LiveLimits>,
         open: Arc<AtomicUsize>,
         full: Warning,
         failing: Warning,
@@ -109,6 +111,7 @@ pub(crate) fn incoming(
     let state = State {
         listener,
         limits,
+        live,
         open,
         full: Warning::new(),
         failing: Warning::new(),
@@ -125,10 +128,11 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
-            if s.open.load(Ordering::Relaxed) >= s.limits.max_connections {
+            let max_connections = s.live.max_connections();
+            if s.open.load(Ordering::Relaxed) >= max_connections {
                 if let Some(times) = s.full.due() {
                     tracing::warn!(
-                        max_connections = s.limits.max_connections,
+                        max_connections,
                         %peer,
                         refused = times,
                         "connection cap reached; closing new connections"

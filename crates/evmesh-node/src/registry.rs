@@ -50,6 +50,7 @@ pub(crate) struct RegistryService<S> {
     store: S,
     catalogs: Arc<Catalogs>,
     limits: Arc<RegistryLimits>,
+    live: Arc<crate::LiveLimits>,
     /// Registrations are decided and stored one at a time.
     writing: Mutex<()>,
     /// Candidates compiled and compared at once (registrations and checks): each
@@ -261,12 +262,18 @@ fn explain(event_type: &str, d: &Decision) -> String {
 }
 
 impl<S: Store> RegistryService<S> {
-    pub(crate) fn new(store: S, catalogs: Arc<Catalogs>, limits: RegistryLimits) -> Self {
+    pub(crate) fn new(
+        store: S,
+        catalogs: Arc<Catalogs>,
+        limits: RegistryLimits,
+        live: Arc<crate::LiveLimits>,
+    ) -> Self {
         Self {
             metrics: None,
             store,
             catalogs,
             limits: Arc::new(limits),
+            live,
             writing: Mutex::new(()),
             judging: Semaphore::new(JUDGED_AT_ONCE),
         }
@@ -414,12 +421,12 @@ impl<S: Store> RegistryService<S> {
             if !matches!(decision.outcome, Outcome::Accepted) {
                 return self.answer(&c, &decision);
             }
-            if known.len() >= self.limits.max_versions {
+            let max_versions = self.live.max_schema_versions();
+            if known.len() >= max_versions {
                 return Err(Status::resource_exhausted(format!(
-                    "type {} has {} versions, at most {} allowed (--max-schema-versions)",
+                    "type {} has {} versions, at most {max_versions} allowed (--max-schema-versions)",
                     c.event_type,
                     known.len(),
-                    self.limits.max_versions
                 )));
             }
             let record = SchemaRecord {
