@@ -50,6 +50,10 @@ struct Args {
     /// Payload bytes.
     #[arg(long, default_value_t = 256)]
     payload: usize,
+    /// Runs of each side (metrics on, off) in the metrics scenario; the medians are
+    /// compared.
+    #[arg(long, default_value_t = 3)]
+    metrics_rounds: usize,
     /// Events published past the stalled subscriber.
     #[arg(long, default_value_t = 1_000_000)]
     stall_events: u64,
@@ -520,8 +524,13 @@ fn main() -> anyhow::Result<()> {
                     mesh::group_move(nats, 1000 / sizes.rate_divisor, payload).await?
                 }
                 Step::MetricsCost { streams } => {
-                    scenarios::metrics_cost(streams, sizes.events, payload, sizes.stall_pairs)
-                        .await?
+                    scenarios::metrics_cost(
+                        streams,
+                        sizes.events,
+                        payload,
+                        if args.quick { 1 } else { args.metrics_rounds },
+                    )
+                    .await?
                 }
                 Step::Retention { rate } => {
                     let rate = (rate / sizes.rate_divisor).max(1);

@@ -646,8 +646,9 @@ pub async fn schema_versions(versions: usize, bytes: usize) -> anyhow::Result<Ro
 }
 
 /// Durable publish with the node's metrics on (its HTTP listener scraped once a
-/// second, as Prometheus would) and off, in alternate runs on fresh nodes: the
-/// median of `rounds` runs of each, and their ratio.
+/// second, as Prometheus would) and off, in alternate runs on fresh nodes (the
+/// order swapped every round): the median of `rounds` runs of each, their ratio,
+/// and the spread of each side.
 pub async fn metrics_cost(
     streams: u64,
     events: u64,
@@ -655,8 +656,18 @@ pub async fn metrics_cost(
     rounds: usize,
 ) -> anyhow::Result<Row> {
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        for on in [false, true] {
+    // The process's CPU time per event, in µs: the node and its publishers, the
+    // same work on both sides but for the metrics.
+    let mut cpu_per_event: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        // Off then on, then on then off: what comes first or second in a pair
+        // (the disk, the page cache) weighs on both sides alike.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for on in order {
             let node = Node::start_metered(None, None, on)?;
             register(node.addr, "bench.order.placed").await?;
             publish_streams(
@@ -670,12 +681,15 @@ pub async fn metrics_cost(
             let scraping = node
                 .http
                 .map(|http| tokio::spawn(scrape_every_second(http)));
+            let cpu_before = cpu_seconds();
             let (acked, elapsed) =
                 publish_streams(node.addr, "bench.order.placed", streams, events, payload).await?;
+            let cpu = cpu_seconds() - cpu_before;
             if let Some(scraping) = scraping {
                 scraping.abort();
             }
             rates[usize::from(on)].push(acked as f64 / elapsed.as_secs_f64());
+            cpu_per_event[usize::from(on)].push(cpu / acked.max(1) as f64 * 1e6);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -684,12 +698,41 @@ pub async fn metrics_cost(
     };
     let off = median(&mut rates[0]);
     let on = median(&mut rates[1]);
+    let cpu_off = median(&mut cpu_per_event[0]);
+    let cpu_on = median(&mut cpu_per_event[1]);
+    // How far apart the runs of one side are: max ÷ min.
+    let spread = |v: &[f64]| v.last().copied().unwrap_or(0.0) / v.first().copied().unwrap_or(1.0);
     Ok(Row::new(format!(
         "durable publish, {streams} stream(s), metrics on and off"
     ))
     .figure("on events/s", on, 0)
     .figure("off events/s", off, 0)
-    .figure("on ÷ off", on / off, 3))
+    .figure("on ÷ off", on / off, 3)
+    .figure("on spread", spread(&rates[1]), 3)
+    .figure("off spread", spread(&rates[0]), 3)
+    .figure("CPU µs/event on", cpu_on, 3)
+    .figure("CPU µs/event off", cpu_off, 3)
+    .figure("CPU on ÷ off", cpu_on / cpu_off, 3))
+}
+
+/// User and system CPU time of this process so far, in seconds (Linux).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, the 12th and 13th fields after the command, in ticks of
+    // 1/100 s.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Open-loop publish at `rate` on a log kept to `keep` events that already holds
