@@ -783,32 +783,30 @@ pub async fn retention_latency(
 
 /// `evmesh_retention_deleted_events_total` from the node's `/metrics`.
 async fn retention_deleted(http: SocketAddr) -> anyhow::Result<f64> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(http).await?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body
+    Ok(get_metrics(http)
+        .await?
         .lines()
         .find_map(|l| l.strip_prefix("evmesh_retention_deleted_events_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
 }
 
+/// The node's `/metrics` page (the HTTP response, headers and all).
+async fn get_metrics(http: SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(http).await?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
 /// GETs `/metrics` from `http` once a second until aborted.
 async fn scrape_every_second(http: SocketAddr) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let Ok(mut stream) = tokio::net::TcpStream::connect(http).await else {
-            continue;
-        };
-        let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
-        if stream.write_all(request.as_bytes()).await.is_ok() {
-            let mut body = Vec::new();
-            let _ = stream.read_to_end(&mut body).await;
-        }
+        let _ = get_metrics(http).await;
     }
 }

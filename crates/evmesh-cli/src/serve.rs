@@ -233,38 +233,46 @@ pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         let store = SqliteStore::open(store_config)
             .await
             .with_context(|| format!("cannot open the log in {}", args.data.display()))?;
-        let listener = listen(&args).await?;
-        let http = listen_http(&args).await?;
-        tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), data = %args.data.display(), "serving");
-        let reload = tokio::spawn(reload_on_hangup(
-            store.clone(),
-            set_filter,
-            live.clone(),
-            settings,
-            args.config.clone(),
-        ));
-        evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
-        reload.abort();
+        run_node(store, config, &args, set_filter, live, settings).await?;
     } else {
         let mut nats = nats_config(&args);
         nats.retention = retention;
         let store = JetStreamStore::open(&nats)
             .await
             .with_context(|| format!("cannot use NATS at {}", args.nats.join(",")))?;
-        let listener = listen(&args).await?;
-        let http = listen_http(&args).await?;
-        tracing::info!(addr = %listener.local_addr()?, http = %http_addr(http.as_ref()), nats = %args.nats.join(","), "serving");
-        let reload = tokio::spawn(reload_on_hangup(
-            store.clone(),
-            set_filter,
-            live.clone(),
-            settings,
-            args.config.clone(),
-        ));
-        evmesh_node::serve_with_http(store, config, listener, http, signal()).await?;
-        reload.abort();
+        run_node(store, config, &args, set_filter, live, settings).await?;
     }
     Ok(())
+}
+
+/// Listens, serves `store` until SIGINT or SIGTERM, and reloads the config file on
+/// SIGHUP meanwhile.
+async fn run_node<S: evmesh_store::Store + Clone>(
+    store: S,
+    config: NodeConfig,
+    args: &ServeArgs,
+    set_filter: Option<SetFilter>,
+    live: std::sync::Arc<evmesh_node::LiveLimits>,
+    settings: Vec<crate::config::Setting>,
+) -> anyhow::Result<()> {
+    let listener = listen(args).await?;
+    let http = listen_http(args).await?;
+    let (addr, http_at) = (listener.local_addr()?, http_addr(http.as_ref()));
+    if args.nats.is_empty() {
+        tracing::info!(%addr, http = %http_at, data = %args.data.display(), "serving");
+    } else {
+        tracing::info!(%addr, http = %http_at, nats = %args.nats.join(","), "serving");
+    }
+    let reload = tokio::spawn(reload_on_hangup(
+        store.clone(),
+        set_filter,
+        live,
+        settings,
+        args.config.clone(),
+    ));
+    let served = evmesh_node::serve_with_http(store, config, listener, http, signal()).await;
+    reload.abort();
+    Ok(served?)
 }
 
 /// A duration of at least a second, as `7d`, `12h` or `90s`.

@@ -92,13 +92,7 @@ async fn round(
 /// The last sequence the next batch deletes, when the log is over a limit: never
 /// more than [`BATCH`] events, never the newest.
 async fn cut(log: &Log, retention: Retention) -> Result<Option<u64>> {
-    let head = log.head();
-    let first: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM events")
-        .fetch_one(&log.pool)
-        .await?;
-    let Some(first) = first.and_then(|f| u64::try_from(f).ok()) else {
-        return Ok(None);
-    };
+    let (head, first) = (log.head(), log.first());
     if first >= head {
         return Ok(None);
     }
