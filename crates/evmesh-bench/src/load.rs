@@ -198,7 +198,20 @@ pub async fn open_loop_publish(
     payload: usize,
     base: Instant,
 ) -> anyhow::Result<Vec<u64>> {
-    let mut client = MeshClient::new(connect(addr).await?);
+    open_loop_publish_as(addr, None, ty, rate, total, payload, base).await
+}
+
+/// [`open_loop_publish`] with a token on the stream.
+pub async fn open_loop_publish_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+    ty: &str,
+    rate: u64,
+    total: u64,
+    payload: usize,
+    base: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let mut client = MeshClient::new(crate::node::connect_as(addr, token).await?);
     let (tx, rx) = mpsc::channel(65_536);
     let mut acks = client.publish(ReceiverStream::new(rx)).await?.into_inner();
     let interval = Duration::from_nanos(1_000_000_000 / rate);

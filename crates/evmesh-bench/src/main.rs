@@ -19,6 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod abuse;
 mod ceiling;
+mod fairness;
 mod jetstream;
 mod load;
 mod mesh;
@@ -31,7 +32,7 @@ use jetstream::Nats;
 use node::Node;
 use report::Row;
 
-const ALL: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse,metrics,retention";
+const ALL: &str = "publish,ceiling,jetstream,latency,fanout,consumer,stall,startup,schema,versions,abuse,fairness,metrics,retention";
 
 #[derive(Parser)]
 #[command(
@@ -154,6 +155,8 @@ enum Step {
     Versions,
     /// A steady client on a quiet node, then on an attacked one.
     Abuse,
+    /// A steady publisher while another principal floods the node, capped and not.
+    Fairness,
     /// Publish throughput through `nodes` nodes of one cluster.
     MeshPublish {
         nodes: usize,
@@ -205,6 +208,7 @@ impl Step {
             Step::Schema => "schema check".into(),
             Step::Versions => "schema versions".into(),
             Step::Abuse => "abuse".into(),
+            Step::Fairness => "fairness".into(),
             Step::MeshPublish { nodes } => format!("mesh publish through {nodes} node(s)"),
             Step::MeshLatency { nodes, .. } => format!("mesh latency through {nodes} node(s)"),
             Step::MeshMove => "mesh group move".into(),
@@ -295,6 +299,9 @@ fn plan(args: &Args) -> Vec<Step> {
     }
     if run("abuse") {
         steps.push(Step::Abuse);
+    }
+    if run("fairness") {
+        steps.push(Step::Fairness);
     }
     if run("metrics") {
         steps.extend([1, 16].map(|streams| Step::MetricsCost { streams }));
@@ -513,6 +520,9 @@ fn main() -> anyhow::Result<()> {
                     scenarios::schema_versions(sizes.schema_versions, sizes.schema_bytes).await?
                 }
                 Step::Abuse => abuse::abuse(1000 / sizes.rate_divisor, sizes.seconds).await?,
+                Step::Fairness => {
+                    fairness::fairness(1000 / sizes.rate_divisor, sizes.seconds, payload).await?
+                }
                 Step::MeshPublish { nodes } => {
                     mesh::publish(nats, nodes, sizes.events, payload).await?
                 }

@@ -82,6 +82,18 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// A connection that sends `token` on every call, when there is one.
+pub async fn connect_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> anyhow::Result<evmesh_client::Transport> {
+    let mut credentials = evmesh_client::Credentials::default();
+    if let Some(token) = token {
+        credentials = credentials.token(token)?;
+    }
+    Ok(credentials.authorize(connect(addr).await?))
+}
+
 /// A node on its own runtime in this process; dropping it stops it, then the
 /// nats-servers it ran over, if any.
 pub struct Node {
@@ -118,6 +130,26 @@ impl Node {
         metrics: bool,
         retention: Retention,
     ) -> anyhow::Result<Self> {
+        Self::start_configured(data, nats, metrics, retention, unvalidated())
+    }
+
+    /// An embedded node in a fresh directory whose callers authenticate against
+    /// `auth`.
+    pub fn start_with_auth(auth: std::sync::Arc<evmesh_node::auth::Auth>) -> anyhow::Result<Self> {
+        let config = evmesh_node::NodeConfig {
+            auth: Some(auth),
+            ..unvalidated()
+        };
+        Self::start_configured(None, None, false, Retention::default(), config)
+    }
+
+    fn start_configured(
+        data: Option<PathBuf>,
+        nats: Option<JetStreamConfig>,
+        metrics: bool,
+        retention: Retention,
+        config: evmesh_node::NodeConfig,
+    ) -> anyhow::Result<Self> {
         let (dir, data) = data_dir(data)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -141,15 +173,15 @@ impl Node {
                     Some(nats) => {
                         let store = JetStreamStore::open(&nats).await?;
                         let _ = ready_tx.send((addr, http_addr));
-                        evmesh_node::serve_with_http(store, unvalidated(), listener, http, stopped)
+                        evmesh_node::serve_with_http(store, config, listener, http, stopped)
                             .await?;
                     }
                     None => {
-                        let mut config = Config::new(&data);
-                        config.retention = retention;
-                        let store = SqliteStore::open(config).await?;
+                        let mut store_config = Config::new(&data);
+                        store_config.retention = retention;
+                        let store = SqliteStore::open(store_config).await?;
                         let _ = ready_tx.send((addr, http_addr));
-                        evmesh_node::serve_with_http(store, unvalidated(), listener, http, stopped)
+                        evmesh_node::serve_with_http(store, config, listener, http, stopped)
                             .await?;
                     }
                 }

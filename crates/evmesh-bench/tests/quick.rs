@@ -44,6 +44,7 @@ fn quick_run_prints_every_scenario_and_writes_json() {
         "schema check, 200 messages",
         "schema versions of",
         "abuse, a client at",
+        "fairness, a publisher at",
         "durable publish, 16 stream(s), metrics on and off",
         "while retention deletes",
     ] {
@@ -52,7 +53,7 @@ fn quick_run_prints_every_scenario_and_writes_json() {
             "{scenario} missing from\n{stdout}"
         );
     }
-    assert_eq!(rows.len(), 32);
+    assert_eq!(rows.len(), 33);
     // Each validated publish row is set beside both references.
     let publish: Vec<_> = rows
         .iter()

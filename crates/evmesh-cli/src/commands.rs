@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use evmesh_client::Transport;
 use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::mesh_client::MeshClient;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::output;
 use crate::schema::Payloads;
@@ -36,6 +36,28 @@ where
 }
 
 pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
+    // A connection that broke underneath the call (a TLS alert from a node that
+    // refused the client's certificate, say) says why only in its source.
+    let mut cause: &(dyn std::error::Error + 'static) = &status;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let underneath = cause.to_string();
+    if !std::ptr::addr_eq(cause, &status) && !status.message().contains(&underneath) {
+        let hint = if underneath.contains("alert")
+            || underneath.contains("connection closed")
+            || underneath.contains("broken pipe")
+        {
+            ": the node closed the connection, as a node with mTLS does to a client whose certificate its CA did not sign, or that has expired or is missing (--cert and --key)"
+        } else {
+            ""
+        };
+        return anyhow!(
+            "{:?}: {} ({underneath}){hint}",
+            status.code(),
+            status.message()
+        );
+    }
     anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -55,27 +77,78 @@ pub(crate) struct NodeArg {
         value_name = "URL[,URL…]"
     )]
     pub(crate) server: String,
+    /// The CA certificate (PEM) that signed the node's, for https:// URLs; without
+    /// it, the system's roots.
+    #[arg(long, global = true, env = "EVMESH_CA", value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// A client certificate (PEM) for nodes that ask for one (mTLS); with --key.
+    #[arg(long, global = true, env = "EVMESH_CERT", value_name = "FILE")]
+    pub(crate) cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); with --cert.
+    #[arg(long, global = true, env = "EVMESH_KEY", value_name = "FILE")]
+    pub(crate) key: Option<PathBuf>,
+    /// A bearer token for nodes that run with --auth (`evmesh auth token` makes one).
+    #[arg(
+        long,
+        global = true,
+        env = "EVMESH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) token: Option<String>,
 }
 
-async fn connect(server: &str) -> anyhow::Result<MeshClient<Channel>> {
-    Ok(MeshClient::new(channel(server).await?).max_decoding_message_size(64 * 1024 * 1024))
+impl NodeArg {
+    /// The TLS material and token these flags name.
+    fn credentials(&self) -> anyhow::Result<evmesh_client::Credentials> {
+        let mut credentials = evmesh_client::Credentials::default();
+        if let Some(ca) = &self.ca {
+            credentials = credentials.ca_file(ca).map_err(|e| anyhow!("--ca: {e}"))?;
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                credentials = credentials
+                    .identity_files(cert, key)
+                    .map_err(|e| anyhow!("--cert/--key: {e}"))?;
+            }
+            (Some(_), None) => {
+                bail!("--cert needs --key (or EVMESH_KEY): the certificate's private key")
+            }
+            (None, Some(_)) => {
+                bail!("--key needs --cert (or EVMESH_CERT): the certificate it belongs to")
+            }
+            (None, None) => {}
+        }
+        if let Some(token) = &self.token {
+            credentials = credentials
+                .token(token)
+                .map_err(|e| anyhow!("--token: {e}"))?;
+        }
+        Ok(credentials)
+    }
+}
+
+async fn connect(node: &NodeArg) -> anyhow::Result<MeshClient<Transport>> {
+    Ok(MeshClient::new(channel(node).await?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 /// A channel to the node named by --server, or to the first that answers of
-/// several, comma-separated.
-pub(crate) async fn channel(server: &str) -> anyhow::Result<Channel> {
-    let urls = evmesh_client::node_urls(server)
+/// several, comma-separated, with the credentials of --ca, --cert, --key and --token.
+pub(crate) async fn channel(node: &NodeArg) -> anyhow::Result<Transport> {
+    let urls = evmesh_client::node_urls(&node.server)
         .map_err(|_| anyhow!("--server is empty: name a node, e.g. {DEFAULT_SERVER}"))?;
+    let credentials = node.credentials()?;
     let mut failures = Vec::new();
     for url in urls {
-        let endpoint = Channel::from_shared(url.clone())
-            .map_err(|e| anyhow!("--server {url:?} is not a valid URL: {e}"))?;
+        let endpoint = credentials
+            .endpoint(&url)
+            .map_err(|e| anyhow!("--server: {e}"))?;
         match endpoint
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
         {
-            Ok(channel) => return Ok(channel),
+            Ok(channel) => return Ok(credentials.authorize(channel)),
             Err(e) => failures.push((url, e)),
         }
     }
@@ -93,12 +166,15 @@ fn unreachable(failures: &[(String, tonic::transport::Error)]) -> anyhow::Error 
         cause.to_string()
     };
     if let [(url, error)] = failures {
-        let hint = if url == DEFAULT_SERVER {
+        let cause = cause(error);
+        let hint = if cause.contains("certificate") {
+            "does --ca (or EVMESH_CA) name the CA that signed the node's certificate?"
+        } else if url == DEFAULT_SERVER {
             "start one with `evmesh serve`, or name another with --server or EVMESH_SERVER"
         } else {
             "is the node running there? --server and EVMESH_SERVER name the node"
         };
-        return anyhow!("cannot reach a node at {url} ({}): {hint}", cause(error));
+        return anyhow!("cannot reach a node at {url} ({cause}): {hint}");
     }
     let each: Vec<String> = failures
         .iter()
@@ -180,7 +256,7 @@ pub(crate) struct PublishArgs {
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let server = args.node.server.as_str();
+    let server = &args.node;
     let payload = match (&args.json, &args.message, &args.payload_file) {
         (Some(json), _, _) => {
             let mut payloads = Payloads::connect(server).await?;
@@ -285,7 +361,7 @@ pub(crate) struct SubscribeArgs {
 pub(crate) async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     use pb::subscribe_request::Request as R;
     use pb::subscribe_response::Response as S;
-    let server = args.node.server.as_str();
+    let server = &args.node;
     let start = position(&args.from, "--from")?;
     let mut client = connect(server).await?;
     let (tx, rx) = mpsc::channel(64);
@@ -377,7 +453,7 @@ pub(crate) struct ChainArgs {
 }
 
 pub(crate) async fn chain(args: ChainArgs) -> anyhow::Result<()> {
-    let server = args.node.server.as_str();
+    let server = &args.node;
     let client = connect(server).await?;
     let events = all_pages(
         |after| {
@@ -473,7 +549,7 @@ const GROUP_HEADER: [&str; 9] = [
 ];
 
 pub(crate) async fn groups(args: GroupsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.node.server).await?;
+    let mut client = connect(&args.node).await?;
     match args.command {
         GroupsCommand::List => {
             let groups = all_pages(
@@ -562,7 +638,7 @@ pub(crate) enum DlqCommand {
 }
 
 pub(crate) async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
-    let server = args.node.server.as_str();
+    let server = &args.node;
     let mut client = connect(server).await?;
     match args.command {
         DlqCommand::List {
@@ -665,7 +741,7 @@ pub(crate) struct HealthArgs {
 /// `URL: SERVING`, or fails with what it answered.
 pub(crate) async fn health(args: HealthArgs) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let server = args.node.server.as_str();
+    let server = &args.node;
     let deadline = tokio::time::Instant::now() + args.wait.unwrap_or_default();
     loop {
         let answer = match channel(server).await {
@@ -680,11 +756,11 @@ pub(crate) async fn health(args: HealthArgs) -> anyhow::Result<()> {
         };
         match answer {
             Ok(ServingStatus::Serving) => {
-                println!("{server}: SERVING");
+                println!("{}: SERVING", server.server);
                 return Ok(());
             }
             Ok(status) if tokio::time::Instant::now() >= deadline => {
-                bail!("{server}: {}", status.as_str_name())
+                bail!("{}: {}", server.server, status.as_str_name())
             }
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -704,7 +780,7 @@ pub(crate) struct NodesArgs {
 /// The nodes of the mesh: name, address, since when, and the groups each serves
 /// with their members there; `*` marks the node that answered.
 pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.node.server).await?;
+    let mut client = connect(&args.node).await?;
     let nodes = client
         .list_nodes(pb::ListNodesRequest {})
         .await

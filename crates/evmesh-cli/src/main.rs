@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod auth;
 mod commands;
 mod config;
 mod ops;
@@ -43,7 +44,7 @@ impl Command {
             Command::Health(a) => Some(&mut a.node),
             Command::Nodes(a) => Some(&mut a.node),
             Command::Backup(a) => Some(&mut a.node),
-            Command::Restore(_) | Command::Config(_) => None,
+            Command::Restore(_) | Command::Config(_) | Command::Auth(_) => None,
         }
     }
 }
@@ -74,6 +75,8 @@ enum Command {
     Restore(ops::RestoreArgs),
     /// The configuration file of `evmesh serve --config`.
     Config(config::ConfigArgs),
+    /// Tokens and the auth file of `evmesh serve --auth`.
+    Auth(auth::AuthArgs),
 }
 
 #[derive(clap::Args)]
@@ -187,6 +190,35 @@ pub(crate) struct ServeArgs {
     /// use, without its write-ahead file.
     #[arg(long, env = "EVMESH_RETENTION_MAX_BYTES", value_parser = serve::size)]
     retention_max_bytes: Option<u64>,
+    /// Principals, their credentials and permissions (TOML); without it, every
+    /// client may do everything. SIGHUP reads it again.
+    #[arg(long, env = "EVMESH_AUTH", value_name = "FILE")]
+    auth: Option<PathBuf>,
+    /// The node's TLS certificate chain (PEM), leaf first: gRPC over TLS only.
+    #[arg(
+        long,
+        env = "EVMESH_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "EVMESH_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// mTLS: a CA certificate (PEM); a client must present a certificate it signed
+    /// and that has not expired, or the handshake fails.
+    #[arg(
+        long,
+        env = "EVMESH_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
     /// Every setting with its source, filled in after parsing.
     #[arg(skip)]
     settings: Vec<config::Setting>,
@@ -204,6 +236,8 @@ pub(crate) enum LogFormat {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // One crypto provider for every TLS connection the process makes or takes.
+    evmesh_node::tls::install_provider();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let mut cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
@@ -213,10 +247,21 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line: clap's first, without the usage block that follows it.
+            // One line: clap's message without the usage block that follows it
+            // (a list of missing flags joined onto the line that announces it).
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("evmesh: {}", first.trim_start_matches("error: "));
+            let message: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let message = message.join(" ");
+            let message = if message.is_empty() {
+                "invalid arguments"
+            } else {
+                &message
+            };
+            eprintln!("evmesh: {}", message.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
@@ -270,6 +315,7 @@ fn main() -> ExitCode {
             Command::Backup(args) => ops::backup(args).await,
             Command::Restore(args) => ops::restore(args).await,
             Command::Config(args) => config::run(args),
+            Command::Auth(args) => auth::run(args),
         }
     });
     match result {

@@ -63,7 +63,7 @@ fn sync_dir(file: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    let mut client = pb::mesh_client::MeshClient::new(channel(&args.node.server).await?)
+    let mut client = pb::mesh_client::MeshClient::new(channel(&args.node).await?)
         .max_decoding_message_size(4 * 1024 * 1024);
     let mut stream = client
         .backup(pb::BackupRequest {})

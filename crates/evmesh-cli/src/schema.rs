@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
+use evmesh_client::Transport;
 use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::schema_registry_client::SchemaRegistryClient;
 use evmesh_schema::Schema;
 use prost::Message;
 use prost_reflect::{DynamicMessage, Kind, MessageDescriptor};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use crate::commands::{NodeArg, all_pages, channel, rpc};
 use crate::output;
@@ -122,7 +122,7 @@ fn compile(args: &ProtoArgs) -> anyhow::Result<Vec<u8>> {
     Ok(set.encode_to_vec())
 }
 
-async fn registry(server: &str) -> anyhow::Result<SchemaRegistryClient<Channel>> {
+async fn registry(server: &NodeArg) -> anyhow::Result<SchemaRegistryClient<Transport>> {
     Ok(SchemaRegistryClient::new(channel(server).await?)
         .max_decoding_message_size(64 * 1024 * 1024))
 }
@@ -154,7 +154,7 @@ fn changes_json(changes: &[pb::SchemaChange]) -> Value {
 }
 
 pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
-    let server = args.node.server.as_str();
+    let server = &args.node;
     match args.command {
         SchemaCommand::Register(args) => {
             let request = request(&args)?;
@@ -450,12 +450,12 @@ fn type_name(f: &prost_reflect::FieldDescriptor) -> String {
 
 /// Registered schemas fetched on demand, by (type, version).
 pub(crate) struct Payloads {
-    client: SchemaRegistryClient<Channel>,
+    client: SchemaRegistryClient<Transport>,
     cache: HashMap<(String, String), Option<(String, MessageDescriptor)>>,
 }
 
 impl Payloads {
-    pub(crate) async fn connect(server: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn connect(server: &NodeArg) -> anyhow::Result<Self> {
         Ok(Self {
             client: registry(server).await?,
             cache: HashMap::new(),

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
+use evmesh_node::auth::Auth;
 use evmesh_node::{ConnectionLimits, Limits, NodeConfig, RegistryLimits};
 use evmesh_schema::SchemaLimits;
 use evmesh_store::jetstream::{Credentials, JetStreamConfig, JetStreamStore};
@@ -90,6 +91,7 @@ async fn reload_on_hangup<S: evmesh_store::Store + Clone>(
     live: std::sync::Arc<evmesh_node::LiveLimits>,
     mut running: Vec<crate::config::Setting>,
     config: Option<std::path::PathBuf>,
+    auth: Option<std::sync::Arc<Auth>>,
 ) {
     #[cfg(unix)]
     {
@@ -102,9 +104,14 @@ async fn reload_on_hangup<S: evmesh_store::Store + Clone>(
                 }
             };
         while hangups.recv().await.is_some() {
+            if let Some(auth) = &auth {
+                reload_auth(auth);
+            }
             let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
             let Some(path) = &config else {
-                tracing::info!("SIGHUP: no --config file to read again");
+                if auth.is_none() {
+                    tracing::info!("SIGHUP: no --config or --auth file to read again");
+                }
                 continue;
             };
             let (cli, settings) = match crate::config::apply(&argv, Some(path)) {
@@ -152,6 +159,25 @@ async fn reload_on_hangup<S: evmesh_store::Store + Clone>(
         }
     }
 }
+/// Reads the auth file again: what it changed applies to every call from now on,
+/// on streams already open too; a file that does not check leaves the principals
+/// as they were.
+fn reload_auth(auth: &Auth) {
+    match auth.reload() {
+        Ok(r) => tracing::info!(
+            file = %auth.path().display(),
+            added = ?r.added,
+            removed = ?r.removed,
+            changed = ?r.changed,
+            "auth file read again"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: the auth file is refused; the principals stay as they were"
+        ),
+    }
+}
+
 async fn signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -221,6 +247,19 @@ pub(crate) async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         live: live.clone(),
         ..NodeConfig::default()
     };
+    let auth = match &args.auth {
+        None => None,
+        Some(path) => {
+            let auth = Auth::load(path)?;
+            tracing::info!(file = %path.display(), principals = auth.policy().principals().count(), "auth");
+            Some(auth)
+        }
+    };
+    let config = NodeConfig {
+        tls: tls(&args)?,
+        auth,
+        ..config
+    };
     let retention = retention(&args);
     let settings = std::mem::take(&mut args.settings);
     if retention.limits() {
@@ -258,10 +297,18 @@ async fn run_node<S: evmesh_store::Store + Clone>(
     let listener = listen(args).await?;
     let http = listen_http(args).await?;
     let (addr, http_at) = (listener.local_addr()?, http_addr(http.as_ref()));
+    let tls = match (&args.tls_cert, &args.tls_client_ca) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
     if args.nats.is_empty() {
-        tracing::info!(%addr, http = %http_at, data = %args.data.display(), "serving");
+        tracing::info!(%addr, http = %http_at, tls, data = %args.data.display(), "serving");
     } else {
-        tracing::info!(%addr, http = %http_at, nats = %args.nats.join(","), "serving");
+        tracing::info!(%addr, http = %http_at, tls, nats = %args.nats.join(","), "serving");
+    }
+    if config.auth.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no --auth: whoever reaches this address may publish, read every event, register schemas and purge dead letters");
     }
     let reload = tokio::spawn(reload_on_hangup(
         store.clone(),
@@ -269,10 +316,25 @@ async fn run_node<S: evmesh_store::Store + Clone>(
         live,
         settings,
         args.config.clone(),
+        config.auth.clone(),
     ));
     let served = evmesh_node::serve_with_http(store, config, listener, http, signal()).await;
     reload.abort();
     Ok(served?)
+}
+
+/// The TLS configuration of --tls-cert, --tls-key and --tls-client-ca.
+fn tls(args: &ServeArgs) -> anyhow::Result<Option<std::sync::Arc<evmesh_node::tls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let files = evmesh_node::tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    };
+    let config = evmesh_node::tls::server_config(&files)?;
+    Ok(Some(config))
 }
 
 /// A duration of at least a second, as `7d`, `12h` or `90s`.

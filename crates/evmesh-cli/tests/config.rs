@@ -156,16 +156,7 @@ fn sighup_applies_a_new_log_level_and_retention() {
         evmesh_tests::publish_stream(&mut client, events).await
     });
     let head = evmesh_tests::ack_of(acks.last().unwrap()).sequence;
-    let hup = || {
-        let pid = node.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    let hup = || node.hangup();
     let wait_for = |message: &str, n: usize| {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

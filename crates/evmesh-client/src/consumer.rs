@@ -344,7 +344,7 @@ async fn prune(pool: &SqlitePool, consumer: &str, retention: Duration) {
 /// One subscribe stream, until it breaks (Err) or the consumer is stopped (Ok).
 async fn session(
     b: &ConsumerBuilder,
-    channel: &tonic::transport::Channel,
+    channel: &crate::Transport,
     pool: &SqlitePool,
     relay: &Relay,
     stop: &mut watch::Receiver<bool>,

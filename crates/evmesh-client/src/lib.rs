@@ -21,9 +21,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use evmesh_proto::v1::schema_registry_client::SchemaRegistryClient;
-use tonic::transport::Channel;
 
 mod consumer;
+mod credentials;
 mod migrations;
 mod nodes;
 mod outbox;
@@ -31,6 +31,7 @@ mod publisher;
 pub mod telemetry;
 
 pub use consumer::{Consumer, ConsumerBuilder, Context, HandlerError, Incoming, Tx};
+pub use credentials::{Authorize, Credentials, Transport};
 /// The wire types (envelopes, acks), for what the typed API does not cover.
 pub use evmesh_proto::v1 as pb;
 pub use nodes::urls as node_urls;
@@ -109,12 +110,15 @@ pub struct ConnectOptions {
     /// How long the publisher keeps sending an unacknowledged event again, to one
     /// node after another, before its caller gets the error (30 s).
     pub failover_for: Duration,
+    /// TLS trust, a client certificate and a token ([`Credentials`]).
+    pub credentials: Credentials,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
             failover_for: Duration::from_secs(30),
+            credentials: Credentials::default(),
         }
     }
 }
@@ -122,6 +126,27 @@ impl Default for ConnectOptions {
 impl ConnectOptions {
     pub fn failover_for(mut self, failover_for: Duration) -> Self {
         self.failover_for = failover_for;
+        self
+    }
+
+    /// Connects with these credentials: a token, a CA for `https://` nodes, a
+    /// client certificate.
+    ///
+    /// ```no_run
+    /// # async fn f() -> evmesh_client::Result<()> {
+    /// use evmesh_client::{ConnectOptions, Credentials, Mesh};
+    /// let credentials = Credentials::default()
+    ///     .ca_file("ca.pem".as_ref())?
+    ///     .token("evm_…")?;
+    /// let mesh = Mesh::connect_with(
+    ///     "https://mesh.internal:50051",
+    ///     ConnectOptions::default().credentials(credentials),
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
         self
     }
 }
@@ -175,7 +200,7 @@ impl Mesh {
 
     /// [`Mesh::connect`] with options.
     pub async fn connect_with(servers: &str, options: ConnectOptions) -> Result<Self> {
-        let nodes = Arc::new(nodes::Nodes::connect(servers).await?);
+        let nodes = Arc::new(nodes::Nodes::connect(servers, options.credentials).await?);
         Ok(Self {
             publisher: Publisher::start(nodes.clone(), options.failover_for),
             nodes,
@@ -199,7 +224,7 @@ impl Mesh {
     /// `failover_for`.
     async fn on_any_node<T, F, Fut>(&self, call: F) -> Result<T>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Transport) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let mut backoff = nodes::Backoff::new();

@@ -6,7 +6,9 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::credentials::{Credentials, Transport};
 
 use crate::{Error, Result};
 
@@ -16,7 +18,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The connection in use: which node, and how many moves came before it.
 #[derive(Clone)]
 pub(crate) struct Current {
-    pub(crate) channel: Channel,
+    pub(crate) channel: Transport,
     pub(crate) generation: u64,
     index: usize,
 }
@@ -24,6 +26,7 @@ pub(crate) struct Current {
 pub(crate) struct Nodes {
     urls: Vec<String>,
     endpoints: Vec<Endpoint>,
+    credentials: Credentials,
     current: RwLock<Current>,
     /// One move at a time: every caller that saw a connection break waits for it.
     moving: tokio::sync::Mutex<()>,
@@ -51,12 +54,12 @@ pub fn urls(servers: &str) -> Result<Vec<String>> {
 }
 
 /// The endpoints of `servers` ([`urls`]), set up to notice a dead node quickly.
-fn endpoints(servers: &str) -> Result<Vec<(String, Endpoint)>> {
+fn endpoints(servers: &str, credentials: &Credentials) -> Result<Vec<(String, Endpoint)>> {
     urls(servers)?
         .into_iter()
         .map(|url| {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| Error::InvalidArgument(format!("{url:?} is not a valid URL: {e}")))?
+            let endpoint = credentials
+                .endpoint(&url)?
                 .tcp_nodelay(true)
                 .connect_timeout(CONNECT_TIMEOUT)
                 // A node cut off (rather than stopped) is noticed within seconds.
@@ -70,21 +73,22 @@ fn endpoints(servers: &str) -> Result<Vec<(String, Endpoint)>> {
 
 impl Nodes {
     /// Connects to the first node of `servers` that answers, in order.
-    pub(crate) async fn connect(servers: &str) -> Result<Self> {
+    pub(crate) async fn connect(servers: &str, credentials: Credentials) -> Result<Self> {
         let (urls, endpoints): (Vec<String>, Vec<Endpoint>) =
-            endpoints(servers)?.into_iter().unzip();
+            endpoints(servers, &credentials)?.into_iter().unzip();
         let mut failures = Vec::new();
         for (index, endpoint) in endpoints.iter().enumerate() {
             match endpoint.connect().await {
                 Ok(channel) => {
                     return Ok(Self {
                         current: RwLock::new(Current {
-                            channel,
+                            channel: credentials.authorize(channel),
                             generation: 0,
                             index,
                         }),
                         urls,
                         endpoints,
+                        credentials,
                         moving: tokio::sync::Mutex::new(()),
                     });
                 }
@@ -136,7 +140,7 @@ impl Nodes {
                         tracing::info!(from = %self.urls[now.index], to = %self.urls[index], "moved to another node");
                     }
                     *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current {
-                        channel,
+                        channel: self.credentials.authorize(channel),
                         generation: now.generation + 1,
                         index,
                     };

@@ -140,7 +140,7 @@ async fn run(
 /// answers callers as responses come. `None` when every job is answered and no more
 /// will come.
 async fn stream(
-    channel: &tonic::transport::Channel,
+    channel: &crate::Transport,
     pending: &mut VecDeque<(pb::Event, Reply)>,
     jobs: &mut mpsc::Receiver<(pb::Event, Reply)>,
     closed: &mut bool,

@@ -83,6 +83,19 @@ pub(crate) struct Catalog {
 }
 
 impl Catalog {
+    /// A catalog of one type with one version, 1.0.0: for tests and fuzzing.
+    pub(crate) fn single(event_type: &str, schema: Schema) -> Self {
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            Version::new(1, 0, 0),
+            Arc::new(Entry::compiled(schema, SystemTime::now())),
+        );
+        Self {
+            types: [(event_type.to_owned(), versions)].into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
     /// The given version of a type's schema, or its latest.
     pub(crate) fn resolve(
         &self,
@@ -242,7 +255,7 @@ impl Catalogs {
         let mut index = ReflectionIndex::default();
         for bytes in base {
             for file in FileDescriptorSet::decode(*bytes)?.file {
-                index.add_file(file);
+                index.add_file(file, None);
             }
         }
         let catalogs = Self {
@@ -356,6 +369,8 @@ impl Catalogs {
 struct IndexedFile {
     encoded: Vec<u8>,
     dependencies: Vec<String>,
+    /// The event types whose schemas hold the file; none for the node's own.
+    owners: Vec<String>,
 }
 
 /// Files by name and the file defining each symbol, for server reflection.
@@ -374,10 +389,16 @@ fn qualify(package: &str, name: &str) -> String {
 }
 
 impl ReflectionIndex {
-    /// Adds one file; a file name already present keeps its first content.
-    fn add_file(&mut self, file: FileDescriptorProto) {
+    /// Adds one file of `owner`'s schema (`None`: the node's own); a file name
+    /// already present keeps its first content, and gains the owner.
+    fn add_file(&mut self, file: FileDescriptorProto, owner: Option<&str>) {
         let name = file.name().to_owned();
-        if self.files.contains_key(&name) {
+        if let Some(indexed) = self.files.get_mut(&name) {
+            if let Some(owner) = owner
+                && !indexed.owners.iter().any(|o| o == owner)
+            {
+                indexed.owners.push(owner.to_owned());
+            }
             return;
         }
         self.symbols_of(&file, &name);
@@ -386,6 +407,7 @@ impl ReflectionIndex {
             IndexedFile {
                 encoded: file.encode_to_vec(),
                 dependencies: file.dependency,
+                owners: owner.map(str::to_owned).into_iter().collect(),
             },
         );
     }
@@ -427,7 +449,7 @@ impl ReflectionIndex {
                     *dependency = format!("{prefix}{dependency}");
                 }
             }
-            self.add_file(file);
+            self.add_file(file, Some(event_type));
         }
     }
 
@@ -487,8 +509,22 @@ impl ReflectionIndex {
     }
 
     pub(crate) fn file_defining(&self, symbol: &str) -> Option<Vec<Vec<u8>>> {
+        self.file_with_imports(self.file_of(symbol)?)
+    }
+
+    /// The name of the file that defines `symbol`.
+    pub(crate) fn file_of(&self, symbol: &str) -> Option<&String> {
         let symbol = symbol.strip_prefix('.').unwrap_or(symbol);
-        self.file_with_imports(self.symbols.get(symbol)?)
+        self.symbols.get(symbol)
+    }
+
+    /// Whether a caller that may read the event types `readable` says yes to may
+    /// see the file: the node's own files, and those of a schema of a type it
+    /// may read.
+    pub(crate) fn visible(&self, name: &str, readable: &dyn Fn(&str) -> bool) -> bool {
+        self.files
+            .get(name)
+            .is_some_and(|f| f.owners.is_empty() || f.owners.iter().any(|o| readable(o)))
     }
 }
 

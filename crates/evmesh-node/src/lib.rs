@@ -16,10 +16,12 @@ use evmesh_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod auth;
 mod backup;
 mod catalog;
 mod convert;
 pub mod envelope;
+mod fairness;
 mod follow;
 mod http;
 mod listener;
@@ -28,11 +30,22 @@ mod metrics;
 mod nodes;
 mod reflection;
 mod registry;
+pub mod tls;
 mod trace;
 mod transport;
 mod validate;
 
 pub use envelope::Limits;
+
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Validates `bytes` as a payload of `schema`'s message, as a publish would:
+    /// the violations' messages when it is refused.
+    pub fn payload(schema: &evmesh_schema::Schema, bytes: &[u8]) -> Result<(), String> {
+        crate::validate::payload_of(schema, bytes).map_err(|r| r.message())
+    }
+}
 pub use listener::ConnectionLimits;
 pub use registry::RegistryLimits;
 
@@ -59,6 +72,11 @@ pub struct NodeConfig {
     /// The limits the node takes again while it runs; set from the limits above
     /// at start.
     pub live: Arc<LiveLimits>,
+    /// TLS on the gRPC listener ([`tls::server_config`]); `None`: plaintext.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Principals and their permissions ([`auth::Auth`]); `None`: every caller
+    /// may do everything.
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 /// The limits a running node takes again without a restart (SIGHUP): each read
@@ -103,6 +121,8 @@ impl Default for NodeConfig {
             node_name: None,
             advertise: None,
             live: Arc::default(),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -117,6 +137,31 @@ pub enum NodeError {
     Store(#[from] evmesh_store::StoreError),
     #[error("the listening socket: {0}")]
     Listener(#[from] std::io::Error),
+}
+
+/// Answers gRPC calls that reached a TLS listener in plaintext with a status that
+/// says so; without it, a client with an `http://` URL sees a connection reset.
+async fn refuse_plaintext(
+    conns: impl tokio_stream::Stream<Item = std::io::Result<listener::Conn<tokio::net::TcpStream>>>
+    + Send
+    + 'static,
+    mut down: watch::Receiver<bool>,
+) {
+    let refusal = axum::Router::new().fallback(|| async {
+        tonic::Status::unavailable(
+            "this node serves gRPC over TLS only: connect with an https:// URL (and --ca FILE when a private CA signed its certificate)",
+        )
+        .into_http::<axum::body::Body>()
+    });
+    let served = tonic::transport::Server::builder()
+        .add_routes(tonic::service::Routes::from(refusal))
+        .serve_with_incoming_shutdown(conns, async move {
+            let _ = down.wait_for(|&d| d).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "answering plaintext clients on the TLS listener stopped");
+    }
 }
 
 /// Reports the node SERVING while its store can take publishes and NOT_SERVING
@@ -244,13 +289,7 @@ pub async fn serve_with_http<S: Store>(
         tracing::info!(addr = %http.local_addr()?, "serving http");
         tokio::spawn(http::serve(http, store.clone(), metrics, down_rx.clone()));
     }
-    let incoming = listener::incoming(
-        listener,
-        limits.clone(),
-        config.live.clone(),
-        open_connections,
-    );
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .initial_stream_window_size(limits.stream_window)
         .initial_connection_window_size(limits.connection_window)
@@ -258,14 +297,39 @@ pub async fn serve_with_http<S: Store>(
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(tower::util::MapResponseLayer::new(transport::response))
         .layer(transport::CatchPanicLayer)
+        .layer(auth::AuthLayer(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(mesh)
-        .add_service(registry)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = down_server.wait_for(|&d| d).await;
-        });
+        .add_service(registry);
+    let stopped = async move {
+        let _ = down_server.wait_for(|&d| d).await;
+    };
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match config.tls.clone() {
+        None => {
+            let incoming = listener::incoming(
+                listener,
+                limits.clone(),
+                config.live.clone(),
+                open_connections,
+            );
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Some(tls) => {
+            let (incoming, plaintext) = listener::incoming_tls(
+                listener,
+                limits.clone(),
+                config.live.clone(),
+                open_connections,
+                tls,
+            );
+            tokio::spawn(refuse_plaintext(plaintext, down_rx.clone()));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
     // The node ends its own streams at once on shutdown; a client that still holds a
     // connection open after the grace period is cut off.
     let mut down = down_rx.clone();

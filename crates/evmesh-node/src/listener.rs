@@ -13,8 +13,11 @@ use std::time::Duration;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 /// How the node treats connections.
 #[derive(Debug, Clone)]
@@ -93,68 +96,151 @@ impl Warning {
     }
 }
 
+/// Counts a connection while it is open, from accept to close.
+pub(crate) struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection accepted under the cap, and when its handshakes must be done by.
+struct Accepted {
+    tcp: TcpStream,
+    counted: Counted,
+    deadline: Instant,
+}
+
+/// Accepts connections under the cap until whoever takes them goes away.
+async fn accept(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    live: Arc<crate::LiveLimits>,
+    open: Arc<AtomicUsize>,
+    accepted: mpsc::Sender<Accepted>,
+) {
+    let mut full = Warning::new();
+    let mut failing = Warning::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            next = listener.accept() => match next {
+                Ok(next) => next,
+                Err(e) => {
+                    if let Some(times) = failing.due() {
+                        tracing::warn!(error = %e, times, "cannot accept connections; retrying (is the node out of file descriptors?)");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = accepted.closed() => return,
+        };
+        let max_connections = live.max_connections();
+        if open.load(Ordering::Relaxed) >= max_connections {
+            if let Some(times) = full.due() {
+                tracing::warn!(
+                    max_connections,
+                    %peer,
+                    refused = times,
+                    "connection cap reached; closing new connections"
+                );
+            }
+            drop(tcp);
+            continue;
+        }
+        // Nagle's algorithm would hold small responses back for tens of ms.
+        let _ = tcp.set_nodelay(true);
+        let next = Accepted {
+            tcp,
+            counted: Counted::new(&open),
+            deadline: Instant::now() + limits.handshake_timeout,
+        };
+        if accepted.send(next).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The accepted connections, as tonic's server takes them.
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
     live: Arc<crate::LiveLimits>,
     open: Arc<AtomicUsize>,
-) -> impl Stream<Item = io::Result<Conn>> {
-    struct State {
-        listener: TcpListener,
-        limits: ConnectionLimits,
-        live: Arc<crate::LiveLimits>,
-        open: Arc<AtomicUsize>,
-        full: Warning,
-        failing: Warning,
-    }
-    let state = State {
-        listener,
-        limits,
-        live,
-        open,
-        full: Warning::new(),
-        failing: Warning::new(),
-    };
-    futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            let (tcp, peer) = match s.listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    if let Some(times) = s.failing.due() {
-                        tracing::warn!(error = %e, times, "cannot accept connections; retrying (is the node out of file descriptors?)");
-                    }
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let max_connections = s.live.max_connections();
-            if s.open.load(Ordering::Relaxed) >= max_connections {
-                if let Some(times) = s.full.due() {
-                    tracing::warn!(
-                        max_connections,
-                        %peer,
-                        refused = times,
-                        "connection cap reached; closing new connections"
-                    );
-                }
-                drop(tcp);
-                continue;
-            }
-            // Nagle's algorithm would hold small responses back for tens of ms.
-            let _ = tcp.set_nodelay(true);
-            s.open.fetch_add(1, Ordering::Relaxed);
-            let conn = Conn {
-                tcp,
-                open: s.open.clone(),
-                handshake: Handshake::Waiting {
-                    seen: Vec::with_capacity(PREFACE + FRAME_HEADER),
-                    deadline: Box::pin(tokio::time::sleep(s.limits.handshake_timeout)),
-                },
-            };
-            return Some((Ok(conn), s));
-        }
+) -> impl Stream<Item = io::Result<Conn<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept(listener, limits, live, open, tx));
+    futures_util::StreamExt::map(ReceiverStream::new(rx), |a: Accepted| {
+        Ok(Conn::new(a.tcp, a.counted, a.deadline))
     })
+}
+
+/// The first byte of a TLS record carrying a handshake message (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The connections of a TLS listener, handshaken concurrently: those that spoke
+/// TLS, and those that did not (a plaintext `http://` client), which the node
+/// answers with a status saying that it wants TLS.
+pub(crate) fn incoming_tls(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    live: Arc<crate::LiveLimits>,
+    open: Arc<AtomicUsize>,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+) -> (
+    impl Stream<Item = io::Result<Conn<TlsStream<TcpStream>>>>,
+    impl Stream<Item = io::Result<Conn<TcpStream>>>,
+) {
+    let (accepted_tx, mut accepted_rx) = mpsc::channel::<Accepted>(64);
+    tokio::spawn(accept(listener, limits, live, open, accepted_tx));
+    let (tls_tx, tls_rx) = mpsc::channel(64);
+    let (plain_tx, plain_rx) = mpsc::channel(16);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = accepted_rx.recv() => next,
+                () = tls_tx.closed() => return,
+            };
+            let Some(a) = next else { return };
+            let (acceptor, tls_tx, plain_tx) = (acceptor.clone(), tls_tx.clone(), plain_tx.clone());
+            tokio::spawn(async move {
+                let peer = a.tcp.peer_addr().ok();
+                let mut first = [0u8; 1];
+                let sniffed = tokio::time::timeout_at(a.deadline, a.tcp.peek(&mut first)).await;
+                match sniffed {
+                    Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+                    Ok(Ok(1)) => {
+                        let _ = plain_tx
+                            .send(Ok(Conn::new(a.tcp, a.counted, a.deadline)))
+                            .await;
+                        return;
+                    }
+                    _ => return, // closed, failed or silent: nothing to answer
+                }
+                match tokio::time::timeout_at(a.deadline, acceptor.accept(a.tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tls_tx.send(Ok(Conn::new(tls, a.counted, a.deadline))).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, peer = ?peer, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = ?peer, "TLS handshake did not complete in time");
+                    }
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(tls_rx), ReceiverStream::new(plain_rx))
 }
 
 enum Handshake {
@@ -167,29 +253,36 @@ enum Handshake {
     Done,
 }
 
-/// One accepted connection: counted while open, and cut when its handshake does
-/// not complete in time.
-pub(crate) struct Conn {
-    tcp: TcpStream,
-    open: Arc<AtomicUsize>,
+/// One accepted connection (TCP, or TLS over it): counted while open, and cut when
+/// its HTTP/2 handshake does not complete in time.
+pub(crate) struct Conn<IO> {
+    io: IO,
+    _counted: Counted,
     handshake: Handshake,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+impl<IO> Conn<IO> {
+    fn new(io: IO, counted: Counted, deadline: Instant) -> Self {
+        Self {
+            io,
+            _counted: counted,
+            handshake: Handshake::Waiting {
+                seen: Vec::with_capacity(PREFACE + FRAME_HEADER),
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            },
+        }
     }
 }
 
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
+impl<IO: Connected> Connected for Conn<IO> {
+    type ConnectInfo = IO::ConnectInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.tcp.connect_info()
+    fn connect_info(&self) -> IO::ConnectInfo {
+        self.io.connect_info()
     }
 }
 
-impl AsyncRead for Conn {
+impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -197,7 +290,7 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Handshake::Waiting { seen, deadline } = &mut this.handshake {
             if let Poll::Ready(Ok(())) = &read {
                 seen.extend_from_slice(&buf.filled()[before..]);
@@ -231,21 +324,21 @@ fn settings_complete(seen: &[u8]) -> bool {
     seen.len() >= PREFACE + FRAME_HEADER + length
 }
 
-impl AsyncWrite for Conn {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -253,10 +346,10 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }

@@ -14,9 +14,11 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Caller, Current, Principal};
 use crate::catalog::{Catalog, Catalogs};
 use crate::convert::{self, status};
 use crate::envelope::{self, Limits, Rejection};
+use crate::fairness::{self, Held, Kind};
 use crate::validate;
 
 /// Most events validated and appended as one batch from one publish stream.
@@ -106,10 +108,28 @@ impl<S: Store> MeshService<S> {
 
     /// The envelope checks, then the payload against its registered schema. A panic
     /// in either rejects this one event with INTERNAL.
-    fn accept(&self, catalog: &Catalog, event: Option<pb::Event>) -> Result<pb::Event, Rejection> {
+    fn accept(
+        &self,
+        catalog: &Catalog,
+        event: Option<pb::Event>,
+        principal: Option<&Principal>,
+    ) -> Result<pb::Event, Rejection> {
         let id = event.as_ref().map(|e| e.id.clone()).unwrap_or_default();
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut event = envelope::accept(event, &self.limits)?;
+            if let Some(principal) = principal
+                && let Err(denied) = principal.check_publish(&event.r#type)
+            {
+                return Err(Rejection {
+                    code: tonic::Code::PermissionDenied,
+                    violations: vec![pb::Violation {
+                        rule: "PERMISSION".into(),
+                        path: "event.type".into(),
+                        message: denied.message().to_owned(),
+                    }],
+                    event_id: event.id,
+                });
+            }
             validate::payload(catalog, &mut event, self.allow_unregistered)?;
             Ok(event)
         }));
@@ -144,6 +164,29 @@ struct Batch {
     arrived: std::time::Instant,
 }
 
+/// What a publish stream's caller may do, looked up again when the auth file is.
+struct PublishRights {
+    current: Current,
+    /// The principal's rate limiter and its burst.
+    limiter: Option<(Arc<fairness::RateLimiter>, u32)>,
+    _held: Held,
+}
+
+impl PublishRights {
+    fn open(caller: Caller) -> Result<Self, Status> {
+        let mut current = Current::new(caller)?;
+        let principal = current.get()?.clone();
+        let holdings = current.holdings(&principal.name);
+        let held = fairness::take(holdings.clone(), &principal, Kind::PublishStream)?;
+        let limiter = fairness::limiter(&holdings, &principal).zip(principal.limits.publish_rate);
+        Ok(Self {
+            current,
+            limiter,
+            _held: held,
+        })
+    }
+}
+
 fn rejected(rejection: Rejection) -> pb::PublishResponse {
     pb::PublishResponse {
         result: Some(pb::publish_response::Result::Rejection(
@@ -170,12 +213,29 @@ impl<S: Store> MeshService<S> {
         &self,
         mut inbound: Streaming<pb::PublishRequest>,
         steps: mpsc::Sender<Step>,
+        mut rights: Option<PublishRights>,
     ) {
         let mut shutdown = self.shutdown.clone();
+        let mut changes = rights.as_ref().map(|r| r.current.changes());
         loop {
+            let changed = async {
+                match changes.as_mut() {
+                    Some(c) => c.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             let first = tokio::select! {
                 m = inbound.message() => m,
-                _ = shutdown.wait_for(|&down| down) => break,
+                // Only the wait's end: its guard must not live on in this loop.
+                () = async { let _ = shutdown.wait_for(|&down| down).await; } => break,
+                true = changed => {
+                    // The auth file was read again: a caller no longer known ends here.
+                    if let Some(Err(status)) = rights.as_mut().map(|r| r.current.get().map(|_| ())) {
+                        let _ = steps.send(Step::End(status)).await;
+                        break;
+                    }
+                    continue;
+                }
             };
             let first = match first {
                 Ok(Some(m)) => m,
@@ -202,7 +262,22 @@ impl<S: Store> MeshService<S> {
                     None => break,
                 }
             }
-            let batch = Step::Batch(self.start_batch(requests).await);
+            let principal = match rights.as_mut() {
+                None => None,
+                Some(r) => {
+                    if let Some((limiter, burst)) = &r.limiter {
+                        fairness::admit(limiter, *burst, requests.len()).await;
+                    }
+                    match r.current.get() {
+                        Ok(p) => Some(p.clone()),
+                        Err(status) => {
+                            let _ = steps.send(Step::End(status)).await;
+                            break;
+                        }
+                    }
+                }
+            };
+            let batch = Step::Batch(self.start_batch(requests, principal.as_deref()).await);
             if steps.send(batch).await.is_err() {
                 break;
             }
@@ -216,14 +291,18 @@ impl<S: Store> MeshService<S> {
     }
 
     /// Validates one batch and queues its valid events, in stream order.
-    async fn start_batch(&self, requests: Vec<pb::PublishRequest>) -> Batch {
+    async fn start_batch(
+        &self,
+        requests: Vec<pb::PublishRequest>,
+        principal: Option<&Principal>,
+    ) -> Batch {
         let arrived = std::time::Instant::now();
         let mut slots = Vec::with_capacity(requests.len());
         let mut events = Vec::with_capacity(requests.len());
         let catalog = self.catalog_for(&requests).await;
         compile_older_versions(&catalog, &requests).await;
         for request in requests {
-            match self.accept(&catalog, request.event) {
+            match self.accept(&catalog, request.event, principal) {
                 Ok(event) => {
                     slots.push(Slot::Appended(
                         events.len(),
@@ -514,10 +593,70 @@ fn nack_delay(delay: Option<prost_types::Duration>) -> Result<Duration, Status> 
     Ok(delay)
 }
 
+/// What a subscription's caller may read, looked up again when the auth file is.
+struct SubscribeRights {
+    current: Current,
+    patterns: Vec<Pattern>,
+    group: Option<String>,
+    auto_ack: bool,
+    _held: Held,
+}
+
+/// What a subscription does with a delivery its caller may read, or may not.
+enum Readable {
+    Yes,
+    /// An ephemeral subscription passes over it (settling it when it acks).
+    Skip,
+    /// A group's member cannot skip for the others: the stream ends and the event
+    /// stays with the group.
+    End(Status),
+}
+
+impl SubscribeRights {
+    fn open(caller: Caller, spec: &SubscriptionSpec) -> Result<Self, Status> {
+        let mut current = Current::new(caller)?;
+        let principal = current.get()?.clone();
+        principal.check_subscription(&spec.patterns, spec.group.as_deref())?;
+        let held = fairness::take(
+            current.holdings(&principal.name),
+            &principal,
+            Kind::Subscription,
+        )?;
+        Ok(Self {
+            current,
+            patterns: spec.patterns.clone(),
+            group: spec.group.clone(),
+            auto_ack: spec.auto_ack,
+            _held: held,
+        })
+    }
+
+    fn readable(&mut self, event_type: &str) -> Readable {
+        match self.current.get() {
+            Err(status) => Readable::End(status),
+            Ok(p) if p.may_read(event_type) => Readable::Yes,
+            Ok(p) => match &self.group {
+                None => Readable::Skip,
+                Some(group) => Readable::End(Status::permission_denied(format!(
+                    "principal {:?} may not read {event_type}, which group {group:?} holds next; the event stays with the group",
+                    p.name
+                ))),
+            },
+        }
+    }
+
+    /// After the auth file was read again: whether the subscription may go on.
+    fn still_allowed(&mut self) -> Result<(), Status> {
+        let principal = self.current.get()?.clone();
+        principal.check_subscription(&self.patterns, self.group.as_deref())
+    }
+}
+
 fn deliveries(
     subscription: Subscription,
     shutdown: watch::Receiver<bool>,
     refused: oneshot::Receiver<Status>,
+    rights: Option<SubscribeRights>,
 ) -> BoxStream<pb::SubscribeResponse> {
     let subscribed = pb::SubscribeResponse {
         response: Some(pb::subscribe_response::Response::Subscribed(
@@ -530,10 +669,13 @@ fn deliveries(
         )),
     };
     let first = tokio_stream::once(Ok(subscribed));
-    let rest = futures_util::stream::unfold(Some((subscription, Some(refused))), move |state| {
+    let changes = rights.as_ref().map(|r| r.current.changes());
+    let control = subscription.control();
+    let state = (subscription, Some(refused), rights, changes, control);
+    let rest = futures_util::stream::unfold(Some(state), move |state| {
         let mut shutdown = shutdown.clone();
         async move {
-            let (mut subscription, mut refused) = state?;
+            let (mut subscription, mut refused, mut rights, mut changes, control) = state?;
             loop {
                 let refusal = async {
                     match refused.as_mut() {
@@ -541,9 +683,27 @@ fn deliveries(
                         None => std::future::pending().await,
                     }
                 };
+                let changed = async {
+                    match changes.as_mut() {
+                        Some(c) => c.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 return tokio::select! {
                     delivery = subscription.next() => match delivery {
                         Some(d) => {
+                            if let Some(r) = rights.as_mut() {
+                                match r.readable(&d.event.event.r#type) {
+                                    Readable::Yes => {}
+                                    Readable::Skip => {
+                                        if !r.auto_ack {
+                                            let _ = control.send(Feedback::Ack(vec![d.event.sequence])).await;
+                                        }
+                                        continue;
+                                    }
+                                    Readable::End(status) => return Some((Err(status), None)),
+                                }
+                            }
                             let response = pb::SubscribeResponse {
                                 response: Some(pb::subscribe_response::Response::Delivery(pb::Delivery {
                                     sequence: d.event.sequence,
@@ -551,7 +711,7 @@ fn deliveries(
                                     event: Some(d.event.event.clone()),
                                 })),
                             };
-                            Some((Ok(response), Some((subscription, refused))))
+                            Some((Ok(response), Some((subscription, refused, rights, changes, control))))
                         }
                         None => Some((Err(match subscription.failure() {
                             Some(reason) => Status::data_loss(reason.to_owned()),
@@ -566,7 +726,13 @@ fn deliveries(
                             continue;
                         }
                     },
-                    _ = shutdown.wait_for(|&down| down) => {
+                    true = changed => {
+                        if let Some(Err(status)) = rights.as_mut().map(SubscribeRights::still_allowed) {
+                            return Some((Err(status), None));
+                        }
+                        continue;
+                    }
+                    () = async { let _ = shutdown.wait_for(|&down| down).await; } => {
                         Some((Err(Status::unavailable("node is shutting down")), None))
                     }
                 };
@@ -624,6 +790,16 @@ async fn feedback(
     }
 }
 
+/// The caller of a request, when the node runs with `--auth`.
+fn caller<T>(request: &Request<T>) -> Option<Caller> {
+    request.extensions().get::<Caller>().cloned()
+}
+
+/// The caller's principal as the auth file has it now; `None` without `--auth`.
+fn principal<T>(request: &Request<T>) -> Result<Option<Arc<Principal>>, Status> {
+    caller(request).map(|c| c.principal()).transpose()
+}
+
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{field} is required")))
@@ -662,8 +838,11 @@ impl<S: Store> Mesh for MeshService<S> {
 
     async fn backup(
         &self,
-        _request: Request<pb::BackupRequest>,
+        request: Request<pb::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
+        if let Some(p) = principal(&request)? {
+            p.check_backup()?;
+        }
         let started = std::time::Instant::now();
         let snapshot = self.store.snapshot().await.map_err(status)?;
         tracing::info!(bytes = snapshot.bytes, head = snapshot.head_sequence, took = ?started.elapsed(), "backup taken; streaming it");
@@ -676,13 +855,14 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        let rights = caller(&request).map(PublishRights::open).transpose()?;
         let inbound = request.into_inner();
         let (steps_tx, steps_rx) = mpsc::channel(PUBLISH_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(PUBLISH_BATCH);
         tokio::spawn(respond(steps_rx, out_tx, self.metrics.clone()));
         let this = self.clone_handle();
         tokio::spawn(async move {
-            let read = this.read_publishes(inbound, steps_tx.clone());
+            let read = this.read_publishes(inbound, steps_tx.clone(), rights);
             // Whatever happens to the reader, the stream never ends with OK while
             // something it was sent is unanswered.
             if std::panic::AssertUnwindSafe(read)
@@ -717,16 +897,27 @@ impl<S: Store> Mesh for MeshService<S> {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         use crate::metrics::Outcome;
         let arrived = std::time::Instant::now();
+        let principal = principal(&request)?;
+        if let Some(principal) = &principal
+            && let Some(cap) = principal.limits.publish_rate
+            && let Some(caller) = caller(&request)
+            && let Some(limiter) =
+                fairness::limiter(&caller.auth.holdings(&principal.name), principal)
+        {
+            fairness::admit(&limiter, cap, 1).await;
+        }
         let request = request.into_inner();
         let catalog = self.catalog_for(std::slice::from_ref(&request)).await;
         let refused = |code: tonic::Code, ty: &str| {
             self.metrics.published(ty, Outcome::Rejected, 1);
             self.metrics.rejected(code, 1);
         };
-        let event = self.accept(&catalog, request.event).map_err(|r| {
-            refused(r.code, "");
-            r.to_status()
-        })?;
+        let event = self
+            .accept(&catalog, request.event, principal.as_deref())
+            .map_err(|r| {
+                refused(r.code, "");
+                r.to_status()
+            })?;
         let (id, correlation) = (event.id.clone(), event.correlation_id.clone());
         let event_type = event.r#type.clone();
         let span = crate::trace::append_span(&event, self.trace_events);
@@ -755,6 +946,7 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = caller(&request);
         let mut inbound = request.into_inner();
         let open = match inbound.message().await? {
             Some(pb::SubscribeRequest {
@@ -771,7 +963,11 @@ impl<S: Store> Mesh for MeshService<S> {
                 ));
             }
         };
-        let subscription = self.store.subscribe(spec(open)?).await.map_err(status)?;
+        let spec = spec(open)?;
+        let rights = caller
+            .map(|c| SubscribeRights::open(c, &spec))
+            .transpose()?;
+        let subscription = self.store.subscribe(spec).await.map_err(status)?;
         tracing::debug!(group = %subscription.group, member = %subscription.member_id, "subscribed");
         let (refuse, refused) = oneshot::channel();
         tokio::spawn(feedback(
@@ -782,7 +978,7 @@ impl<S: Store> Mesh for MeshService<S> {
         ));
         // Counted while its stream lives.
         let open = crate::metrics::Open::new(&self.metrics.subscriptions);
-        let stream = deliveries(subscription, self.shutdown.clone(), refused);
+        let stream = deliveries(subscription, self.shutdown.clone(), refused, rights);
         Ok(Response::new(Box::pin(futures_util::StreamExt::map(
             stream,
             move |item| {
@@ -796,6 +992,7 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::GetChainRequest>,
     ) -> Result<Response<pb::GetChainResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let correlation_id = required(&request.correlation_id, "correlation_id")?;
         let wanted = limit(request.limit, MAX_CHAIN);
@@ -805,7 +1002,13 @@ impl<S: Store> Mesh for MeshService<S> {
             .await
             .map_err(status)?;
         let found = stored.len();
-        let events = within_reply(stored.into_iter().map(|e| pb::ChainEvent {
+        // Events the caller may not read are left out, as if not there.
+        let readable = stored.into_iter().filter(|e| {
+            principal
+                .as_ref()
+                .is_none_or(|p| p.may_read(&e.event.r#type))
+        });
+        let events = within_reply(readable.map(|e| pb::ChainEvent {
             sequence: e.sequence,
             event: Some(e.event),
         }));
@@ -819,6 +1022,7 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let wanted = limit(request.limit, MAX_GROUPS);
         let groups = self
@@ -826,9 +1030,14 @@ impl<S: Store> Mesh for MeshService<S> {
             .groups(&request.after_group, wanted)
             .await
             .map_err(status)?;
+        let more = groups.len() == wanted;
         Ok(Response::new(pb::ListGroupsResponse {
-            more: groups.len() == wanted,
-            groups: groups.into_iter().map(convert::group_info).collect(),
+            more,
+            groups: groups
+                .into_iter()
+                .filter(|g| principal.as_ref().is_none_or(|p| p.may_use_group(&g.name)))
+                .map(convert::group_info)
+                .collect(),
         }))
     }
 
@@ -836,8 +1045,12 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let group = required(&request.group, "group")?;
+        if let Some(p) = &principal {
+            p.check_admin("delete", group)?;
+        }
         let dead_letters = self.store.delete_group(group).await.map_err(status)?;
         Ok(Response::new(pb::DeleteGroupResponse { dead_letters }))
     }
@@ -846,8 +1059,12 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::SeekGroupRequest>,
     ) -> Result<Response<pb::SeekGroupResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let group = required(&request.group, "group")?;
+        if let Some(p) = &principal {
+            p.check_admin("seek", group)?;
+        }
         let position =
             convert::start_position(request.position.as_ref(), "position")?.ok_or_else(|| {
                 Status::invalid_argument("position is required: earliest, latest, sequence or time")
@@ -862,8 +1079,12 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let group = required(&request.group, "group")?;
+        if let Some(p) = &principal {
+            p.check_group(group)?;
+        }
         let wanted = limit(request.limit, MAX_DEAD_LETTERS);
         let letters = self
             .store
@@ -871,7 +1092,13 @@ impl<S: Store> Mesh for MeshService<S> {
             .await
             .map_err(status)?;
         let found = letters.len();
-        let dead_letters = within_reply(letters.into_iter().map(convert::dead_letter));
+        // Dead letters of types the caller may not read are left out.
+        let readable = letters.into_iter().filter(|l| {
+            principal
+                .as_ref()
+                .is_none_or(|p| l.event.as_ref().is_none_or(|e| p.may_read(&e.r#type)))
+        });
+        let dead_letters = within_reply(readable.map(convert::dead_letter));
         Ok(Response::new(pb::ListDeadLettersResponse {
             more: dead_letters.len() < found || found == wanted,
             dead_letters,
@@ -882,8 +1109,12 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::RedriveDeadLettersRequest>,
     ) -> Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let group = required(&request.group, "group")?;
+        if let Some(p) = &principal {
+            p.check_admin("redrive dead letters of", group)?;
+        }
         let redriven = self
             .store
             .redrive(group, &request.sequences)
@@ -896,8 +1127,12 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<pb::PurgeDeadLettersRequest>,
     ) -> Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let group = required(&request.group, "group")?;
+        if let Some(p) = &principal {
+            p.check_admin("purge dead letters of", group)?;
+        }
         let purged = self
             .store
             .purge(group, &request.sequences)

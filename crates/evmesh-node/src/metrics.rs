@@ -669,6 +669,15 @@ impl Collector for Process {
                 MetricType::Gauge,
             )?)?;
         }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tasks = i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX);
+            ConstGauge::new(tasks).encode(encoder.encode_descriptor(
+                "evmesh_runtime_tasks",
+                "Tasks alive on the node's runtime",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         if let Some(max) = Self::max_fds() {
             ConstGauge::new(max).encode(encoder.encode_descriptor(
                 "process_max_fds",

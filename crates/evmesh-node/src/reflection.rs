@@ -53,13 +53,20 @@ macro_rules! reflection_service {
                 }
             }
 
-            fn answer(index: &ReflectionIndex, request: pb::ServerReflectionRequest) -> pb::ServerReflectionResponse {
+            /// `readable`: whether the caller may read an event type; the files of
+            /// payload types it may not read are as if not there.
+            fn answer(index: &ReflectionIndex, request: pb::ServerReflectionRequest, readable: &dyn Fn(&str) -> bool) -> pb::ServerReflectionResponse {
                 let response = match &request.message_request {
                     Some(MessageRequest::FileByFilename(name)) => {
-                        files(index.file_with_imports(name), || format!("file {name:?} not found"))
+                        let found = index.visible(name, readable).then(|| index.file_with_imports(name)).flatten();
+                        files(found, || format!("file {name:?} not found"))
                     }
                     Some(MessageRequest::FileContainingSymbol(symbol)) => {
-                        files(index.file_defining(symbol), || format!("symbol {symbol:?} not found"))
+                        let found = index
+                            .file_of(symbol)
+                            .filter(|file| index.visible(file, readable))
+                            .and_then(|_| index.file_defining(symbol));
+                        files(found, || format!("symbol {symbol:?} not found"))
                     }
                     Some(MessageRequest::FileContainingExtension(e)) => not_found(format!(
                         "extension {} of {} not found: the node serves no extensions",
@@ -99,12 +106,22 @@ macro_rules! reflection_service {
                     &self,
                     request: Request<Streaming<pb::ServerReflectionRequest>>,
                 ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
+                    let caller = request.extensions().get::<crate::auth::Caller>().cloned();
                     let mut inbound = request.into_inner();
                     let catalogs = self.catalogs.clone();
                     let (tx, rx) = mpsc::channel(16);
                     tokio::spawn(async move {
                         while let Ok(Some(request)) = inbound.message().await {
-                            let response = answer(&catalogs.load().reflection, request);
+                            // The caller's rights as the auth file has them now.
+                            let principal = match caller.as_ref().map(|c| c.principal()).transpose() {
+                                Ok(p) => p,
+                                Err(status) => {
+                                    let _ = tx.send(Err(status)).await;
+                                    return;
+                                }
+                            };
+                            let readable = |event_type: &str| principal.as_ref().is_none_or(|p| p.may_read(event_type));
+                            let response = answer(&catalogs.load().reflection, request, &readable);
                             if tx.send(Ok(response)).await.is_err() {
                                 return;
                             }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::auth::RegistryAccess;
 use evmesh_proto::v1 as pb;
 use evmesh_proto::v1::schema_registry_server::SchemaRegistry;
 use evmesh_schema::{
@@ -405,11 +406,21 @@ fn decide_on(catalogs: &Catalogs, c: &Candidate) -> Judged {
     }
 }
 
+/// Whether the caller's principal (with `--auth`) has `needed` access to the
+/// registry.
+fn allowed<T>(request: &Request<T>, needed: RegistryAccess) -> Result<(), Status> {
+    match request.extensions().get::<crate::auth::Caller>() {
+        None => Ok(()),
+        Some(caller) => caller.principal()?.check_registry(needed),
+    }
+}
+
 impl<S: Store> RegistryService<S> {
     async fn register(
         &self,
         request: Request<pb::RegisterSchemaRequest>,
     ) -> Result<Response<pb::RegisterSchemaResponse>, Status> {
+        allowed(&request, RegistryAccess::Write)?;
         let request = request.into_inner();
         let _writing = self.writing.lock().await;
         let mut attempt = 0;
@@ -472,6 +483,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         &self,
         request: Request<pb::RegisterSchemaRequest>,
     ) -> Result<Response<pb::CheckSchemaResponse>, Status> {
+        allowed(&request, RegistryAccess::Read)?;
         let (_, Judged { decision: d, .. }) = self.judge(request.into_inner()).await?;
         let declared = d
             .predecessor
@@ -515,6 +527,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         &self,
         request: Request<pb::GetSchemaRequest>,
     ) -> Result<Response<pb::Schema>, Status> {
+        allowed(&request, RegistryAccess::Read)?;
         let request = request.into_inner();
         if request.r#type.is_empty() {
             return Err(Status::invalid_argument("type is required"));
@@ -552,6 +565,7 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         &self,
         request: Request<pb::ListSchemasRequest>,
     ) -> Result<Response<pb::ListSchemasResponse>, Status> {
+        allowed(&request, RegistryAccess::Read)?;
         let request = request.into_inner();
         let catalog = self.catalogs.load();
         let wanted = match request.limit {

@@ -27,6 +27,21 @@ fn reject(code: Code, rule: &str, path: &str, message: String, event: &Event) ->
     }
 }
 
+/// Validates `bytes` as a payload of `schema`'s message, as a publish would: for
+/// the fuzz targets (`fuzz/`), through [`crate::fuzzing`].
+pub(crate) fn payload_of(schema: &evmesh_schema::Schema, bytes: &[u8]) -> Result<(), Rejection> {
+    let catalog = Catalog::single("fuzz.payload", schema.clone());
+    let mut event = Event {
+        r#type: "fuzz.payload".into(),
+        payload: Some(prost_types::Any {
+            type_url: format!("type.googleapis.com/{}", schema.message_name()),
+            value: bytes.to_vec(),
+        }),
+        ..Event::default()
+    };
+    payload(&catalog, &mut event, false)
+}
+
 /// Validates the payload of an envelope that passed the envelope checks, and
 /// records the schema version it was validated against. Types with no registered
 /// schema pass unvalidated only when `allow_unregistered`.
@@ -760,15 +775,11 @@ fn walk_value(value: &Value, path: &str, found: &mut Found) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-
     use evmesh_schema::Schema;
     use proptest::prelude::*;
     use prost::Message;
 
     use super::*;
-    use crate::catalog::Entry;
 
     fn catalog() -> Catalog {
         let dir = tempfile::tempdir().unwrap();
@@ -782,17 +793,7 @@ mod tests {
         .unwrap();
         let set = protox::compile(["order.proto"], [dir.path()]).unwrap();
         let schema = Schema::new(&set.encode_to_vec(), "shop.v1.OrderPlaced").unwrap();
-        let mut versions = BTreeMap::new();
-        versions.insert(
-            Version::new(1, 0, 0),
-            Arc::new(Entry::compiled(schema, std::time::SystemTime::now())),
-        );
-        Catalog {
-            types: [("shop.order.placed".to_owned(), versions)]
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        }
+        Catalog::single("shop.order.placed", schema)
     }
 
     fn event(value: Vec<u8>) -> Event {

@@ -139,11 +139,57 @@ impl Pattern {
         &self.source
     }
 
+    /// Whether the pattern carries a semver requirement (`…@^1`).
+    pub fn has_version_requirement(&self) -> bool {
+        self.version.is_some()
+    }
+
+    /// Whether every type `other` selects, this one selects too (version
+    /// requirements aside): `shop.>` covers `shop.order.*`, `shop.*` does not cover
+    /// `shop.>`.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        covers(self.subject(), other.subject())
+    }
+
+    /// Whether some type is selected by both (version requirements aside).
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        overlap(self.subject(), other.subject())
+    }
+
     /// The types part, without a version requirement: `shop.>` of `shop.>@^1`.
     pub fn subject(&self) -> &str {
         self.source
             .split_once('@')
             .map_or(self.source.as_str(), |(subject, _)| subject)
+    }
+}
+
+/// Whether every subject `narrow` selects, `wide` selects too: dotted tokens where
+/// `*` is one token and a last `>` one or more (types and NATS subjects alike).
+pub(crate) fn covers(wide: &str, narrow: &str) -> bool {
+    let mut n = narrow.split('.');
+    for w in wide.split('.') {
+        match (w, n.next()) {
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            ("*", Some(t)) if t != ">" => {}
+            (w, Some(t)) if w == t => {}
+            _ => return false,
+        }
+    }
+    n.next().is_none()
+}
+
+/// Whether some subject is selected by both.
+pub(crate) fn overlap(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('.'), b.split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => {}
+            _ => return false,
+        }
     }
 }
 
@@ -190,6 +236,94 @@ mod tests {
         check("shop.order.placed@^1", "shop.order.placed", "", false);
         check("shop.>@>=1.2, <2", "shop.order.placed", "1.3.1", true);
         check("shop.>@>=1.2, <2", "shop.order.placed", "1.1.0", false);
+    }
+
+    #[track_caller]
+    fn relation(a: &str, b: &str, covers: bool, overlaps: bool) {
+        let (pa, pb) = (Pattern::parse(a).unwrap(), Pattern::parse(b).unwrap());
+        assert_eq!(pa.covers(&pb), covers, "{a} covers {b}");
+        assert_eq!(pa.overlaps(&pb), overlaps, "{a} overlaps {b}");
+        assert_eq!(pb.overlaps(&pa), overlaps, "{b} overlaps {a}");
+    }
+
+    #[test]
+    fn pattern_relations() {
+        relation("shop.>", "shop.>", true, true);
+        relation("shop.>", "shop.order.*", true, true);
+        relation("shop.>", "shop.order.placed", true, true);
+        relation("shop.>", "shop", false, false);
+        relation("shop.>", "shop.*", true, true);
+        relation("shop.*", "shop.>", false, true);
+        relation("shop.*", "shop.order", true, true);
+        relation("shop.*", "shop.order.placed", false, false);
+        relation(">", "anything.at.all", true, true);
+        relation(">", ">", true, true);
+        relation("*", ">", false, true);
+        relation("*.>", ">", false, true);
+        relation("shop.*.placed", "shop.order.placed", true, true);
+        relation("shop.*.placed", "shop.*.paid", false, false);
+        relation("shop.*.placed", "shop.order.*", false, true);
+        relation("shop.order.placed", "shop.order.placed", true, true);
+        relation("shop.order.placed", "shop.order.paid", false, false);
+        relation("shop.payment.card.>", "shop.>", false, true);
+        relation("billing.>", "shop.>", false, false);
+        relation("a.*.c", "a.b.>", false, true);
+    }
+
+    /// Against every type of a small alphabet: `covers` and `overlaps` say exactly
+    /// what matching each type says.
+    #[test]
+    fn pattern_relations_agree_with_matching() {
+        let tokens = ["a", "b", "*", ">"];
+        let mut patterns = Vec::new();
+        for n in 1..=3 {
+            let mut current = vec![String::new()];
+            for i in 0..n {
+                let mut next = Vec::new();
+                for prefix in &current {
+                    for t in tokens {
+                        if t == ">" && i + 1 != n {
+                            continue;
+                        }
+                        let sep = if prefix.is_empty() { "" } else { "." };
+                        next.push(format!("{prefix}{sep}{t}"));
+                    }
+                }
+                current = next;
+            }
+            patterns.extend(current);
+        }
+        let mut types = Vec::new();
+        for n in 1..=4 {
+            let mut current = vec![String::new()];
+            for _ in 0..n {
+                current = current
+                    .iter()
+                    .flat_map(|p| {
+                        ["a", "b", "c"].map(|t| {
+                            if p.is_empty() {
+                                t.to_owned()
+                            } else {
+                                format!("{p}.{t}")
+                            }
+                        })
+                    })
+                    .collect();
+            }
+            types.extend(current);
+        }
+        for a in &patterns {
+            let pa = Pattern::parse(a).unwrap();
+            for b in &patterns {
+                let pb = Pattern::parse(b).unwrap();
+                let covered = types
+                    .iter()
+                    .all(|t| !pb.matches(t, "") || pa.matches(t, ""));
+                let shared = types.iter().any(|t| pa.matches(t, "") && pb.matches(t, ""));
+                assert_eq!(pa.covers(&pb), covered, "{a} covers {b}");
+                assert_eq!(pa.overlaps(&pb), shared, "{a} overlaps {b}");
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod nats;
+mod pki;
 pub use nats::{NatsCluster, NatsServer, Sync};
+pub use pki::{Issued, Pki};
 
 /// How long something that should happen at once may take.
 pub const PATIENCE: Duration = Duration::from_secs(10);

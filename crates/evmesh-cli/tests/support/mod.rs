@@ -80,15 +80,19 @@ impl Served {
 
     /// The log lines (JSON) since the "serving" one whose message is `message`.
     pub fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        self.all_logged()
+            .into_iter()
+            .filter(|v| v["fields"]["message"] == message)
+            .collect()
+    }
+
+    /// Every log line (JSON) since the "serving" one.
+    pub fn all_logged(&self) -> Vec<serde_json::Value> {
         let mut logged = self.logged.borrow_mut();
         while let Ok(line) = self.log.try_recv() {
             logged.extend(serde_json::from_str::<serde_json::Value>(&line).ok());
         }
-        logged
-            .iter()
-            .filter(|v| v["fields"]["message"] == message)
-            .cloned()
-            .collect()
+        logged.clone()
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -112,6 +116,16 @@ impl Served {
     /// The node's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// SIGHUP: the node reads its config and auth files again.
+    pub fn hangup(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
     }
 
     /// SIGKILL: the process ends with nothing cleaned up.

@@ -58,6 +58,10 @@ const REMOTE_SILENCE: Duration = Duration::from_secs(5);
 const TAKEOVER_WAIT: Duration = crate::NODE_TTL;
 /// How often a new owner that waits reads the nodes' announcements again.
 const TAKEOVER_RECHECK: Duration = Duration::from_secs(1);
+/// How long taking a lease keeps trying through errors that a leader election
+/// causes, and how often.
+const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5);
+const TRANSIENT_STEP: Duration = Duration::from_millis(250);
 /// A node whose last announcement is older than this (it announces every 2 s) is
 /// taken for gone: a new owner does not wait for it. A node alive but cut off from
 /// NATS stops announcing too; its members count as gone (README).
@@ -801,8 +805,25 @@ impl Agent {
         }
         let value = Bytes::from(self.shared.instance.clone());
         for _ in 0..3 {
-            let sent = Instant::now();
-            match self.shared.leases.create(&self.group, value.clone()).await {
+            let mut sent = Instant::now();
+            // Right after a NATS server restarts, the bucket's stream can be
+            // missing for a moment while its replicas elect a leader.
+            let mut waited = Duration::ZERO;
+            let created = loop {
+                match self.shared.leases.create(&self.group, value.clone()).await {
+                    Err(e)
+                        if e.kind() != kv::CreateErrorKind::AlreadyExists
+                            && waited < TRANSIENT_PATIENCE =>
+                    {
+                        tracing::debug!(group = %self.group, error = %e, "taking a group's lease; trying again");
+                        tokio::time::sleep(TRANSIENT_STEP).await;
+                        waited += TRANSIENT_STEP;
+                        sent = Instant::now();
+                    }
+                    created => break created,
+                }
+            };
+            match created {
                 Ok(revision) => return self.take(revision, sent, create).await,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(unavailable("taking a group's lease", e)),

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use evmesh_proto::v1::Event;
 
 use crate::Pattern;
+use crate::subject::{covers, overlap};
 
 /// The events stream's subjects.
 pub(crate) const EVENTS_PREFIX: &str = "evmesh.e";
@@ -91,34 +92,6 @@ pub(crate) fn type_filter(pattern: &Pattern) -> String {
     match types.strip_suffix('>') {
         Some(head) => format!("{EVENTS_PREFIX}.*.*.{head}*.>"),
         None => format!("{EVENTS_PREFIX}.*.*.{types}.*"),
-    }
-}
-
-/// Whether every subject `narrow` selects, `wide` selects too.
-fn covers(wide: &str, narrow: &str) -> bool {
-    let mut n = narrow.split('.');
-    for w in wide.split('.') {
-        match (w, n.next()) {
-            (">", Some(_)) => return true,
-            (_, None) => return false,
-            ("*", Some(t)) if t != ">" => {}
-            (w, Some(t)) if w == t => {}
-            _ => return false,
-        }
-    }
-    n.next().is_none()
-}
-
-/// Whether some subject is selected by both.
-fn overlap(a: &str, b: &str) -> bool {
-    let (mut a, mut b) = (a.split('.'), b.split('.'));
-    loop {
-        match (a.next(), b.next()) {
-            (None, None) => return true,
-            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
-            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => {}
-            _ => return false,
-        }
     }
 }
 
