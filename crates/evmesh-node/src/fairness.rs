@@ -12,6 +12,18 @@ use crate::auth::{Holdings, Principal};
 
 pub(crate) type RateLimiter = governor::DefaultDirectRateLimiter;
 
+/// How long a stream over its principal's cap waits for its refusal: a flooder
+/// that opens again at once costs the node a few refusals a second, not a core.
+const REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `refused` after [`REFUSAL_DELAY`] when it is a cap's refusal, else at once.
+pub(crate) async fn refusal(refused: Status) -> Status {
+    if refused.code() == tonic::Code::ResourceExhausted {
+        tokio::time::sleep(REFUSAL_DELAY).await;
+    }
+    refused
+}
+
 /// What a counted stream holds, given back when it ends.
 pub(crate) struct Held {
     holdings: Arc<Holdings>,

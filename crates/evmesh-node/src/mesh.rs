@@ -855,7 +855,10 @@ impl<S: Store> Mesh for MeshService<S> {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        let rights = caller(&request).map(PublishRights::open).transpose()?;
+        let rights = match caller(&request).map(PublishRights::open).transpose() {
+            Ok(rights) => rights,
+            Err(refused) => return Err(fairness::refusal(refused).await),
+        };
         let inbound = request.into_inner();
         let (steps_tx, steps_rx) = mpsc::channel(PUBLISH_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(PUBLISH_BATCH);
@@ -964,9 +967,10 @@ impl<S: Store> Mesh for MeshService<S> {
             }
         };
         let spec = spec(open)?;
-        let rights = caller
-            .map(|c| SubscribeRights::open(c, &spec))
-            .transpose()?;
+        let rights = match caller.map(|c| SubscribeRights::open(c, &spec)).transpose() {
+            Ok(rights) => rights,
+            Err(refused) => return Err(fairness::refusal(refused).await),
+        };
         let subscription = self.store.subscribe(spec).await.map_err(status)?;
         tracing::debug!(group = %subscription.group, member = %subscription.member_id, "subscribed");
         let (refuse, refused) = oneshot::channel();

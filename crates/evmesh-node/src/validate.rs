@@ -493,10 +493,7 @@ impl Scan {
         }
         for (field, nested, parts) in singular {
             self.path.push(Step::Field(field));
-            let scanned = match parts.as_slice() {
-                [one] => self.message(&nested, one, depth + 1),
-                _ => self.message(&nested, &parts.concat(), depth + 1),
-            };
+            let scanned = self.merged(&nested, &parts, depth);
             self.path.pop();
             scanned?;
         }
@@ -504,6 +501,30 @@ impl Scan {
             self.missing(message, &seen);
         }
         Ok(())
+    }
+
+    /// A message sent in parts (a singular message field, or a map entry's value,
+    /// sent more than once) is one message, merged: the concatenation of its parts.
+    /// A decoder reads each part within its own length, so a field that runs from
+    /// one part into the next is malformed, though the concatenation frames (found
+    /// by fuzzing).
+    fn merged(
+        &mut self,
+        message: &MessageDescriptor,
+        parts: &[&[u8]],
+        depth: u32,
+    ) -> Result<(), Stop> {
+        if let [one] = parts {
+            return self.message(message, one, depth + 1);
+        }
+        let framed: Vec<Option<bool>> = parts.iter().map(|p| frames(p)).collect();
+        if framed.contains(&Some(false)) {
+            Err(self.malformed("a field that runs past the end of its message"))
+        } else if framed.contains(&None) {
+            Err(Stop::Unsure)
+        } else {
+            self.message(message, &parts.concat(), depth + 1)
+        }
     }
 
     /// Required fields of `message` that are not among `seen`.
@@ -627,11 +648,7 @@ impl Scan {
         self.path.push(Step::Key(key));
         let mut scanned = Ok(());
         if value_seen {
-            // A value sent in parts is one message, merged: their concatenation.
-            scanned = match values.as_slice() {
-                [one] => self.message(&value, one, depth + 1),
-                _ => self.message(&value, &values.concat(), depth + 1),
-            };
+            scanned = self.merged(&value, &values, depth);
         } else if self.required {
             self.missing(&value, &[]);
         }
@@ -738,6 +755,30 @@ fn show_key(key: &MapKey) -> String {
         MapKey::String(s) => quoted(s),
         other => format!("{other:?}"),
     }
+}
+
+/// Whether `part` is a run of whole fields, each key and value within it: `None`
+/// when it holds a group, whose framing the full decode judges.
+fn frames(mut part: &[u8]) -> Option<bool> {
+    while !part.is_empty() {
+        let Some(key) = varint(&mut part) else {
+            return Some(false);
+        };
+        let whole = match key & 7 {
+            0 => varint(&mut part).is_some(),
+            1 => skip(&mut part, 8),
+            5 => skip(&mut part, 4),
+            2 => varint(&mut part)
+                .and_then(|n| usize::try_from(n).ok())
+                .is_some_and(|n| skip(&mut part, n)),
+            3 | 4 => return None,
+            _ => false,
+        };
+        if !whole {
+            return Some(false);
+        }
+    }
+    Some(true)
 }
 
 /// Every unknown field and missing required field in the message tree.
@@ -963,6 +1004,55 @@ mod tests {
         out.push(len as u8);
         out.extend_from_slice(value);
         out
+    }
+
+    /// Found by `cargo fuzz run payload`: a singular message field sent twice,
+    /// whose first part ends inside a string that the second part's bytes would
+    /// complete. Each part alone does not frame, so the payload does not decode.
+    #[test]
+    fn a_field_may_not_run_from_one_part_of_a_message_into_the_next() {
+        let catalog = catalog();
+        // items[0].child sent twice; the first part declares a 5-byte sku with 2
+        // bytes left in it, the second frames on its own (a length-delimited field
+        // 2), and together they make one sku, "ab\x12\x01z".
+        let first = [0x0a, 0x05, b'a', b'b'];
+        let second = [0x12, 0x01, b'z'];
+        let child = [delimited(3, &first), delimited(3, &second)].concat();
+        let bytes = delimited(2, &child);
+        let message = order_message(&catalog);
+        assert!(DynamicMessage::decode(message, bytes.as_slice()).is_err());
+        let rejection = payload(&catalog, &mut event(bytes), false).unwrap_err();
+        assert!(
+            rejection.violations[0]
+                .message
+                .contains("runs past the end"),
+            "{rejection:?}"
+        );
+    }
+
+    /// Found by `cargo fuzz run payload`: the same, in a map entry's value sent
+    /// twice.
+    #[test]
+    fn a_field_may_not_run_from_one_part_of_a_map_value_into_the_next() {
+        let catalog = catalog();
+        let first = [0x0a, 0x05, b'a', b'b'];
+        let second = [0x12, 0x01, b'z'];
+        let entry = [
+            delimited(1, b"k"),
+            delimited(2, &first),
+            delimited(2, &second),
+        ]
+        .concat();
+        let bytes = delimited(3, &entry);
+        let message = order_message(&catalog);
+        assert!(DynamicMessage::decode(message, bytes.as_slice()).is_err());
+        let rejection = payload(&catalog, &mut event(bytes), false).unwrap_err();
+        assert!(
+            rejection.violations[0]
+                .message
+                .contains("runs past the end"),
+            "{rejection:?}"
+        );
     }
 
     #[test]
