@@ -1,4 +1,4 @@
-//! `evmesh schema register|check|list|show`, and the payload codec that turns JSON
+//! `evmesh schema register|check|list|show|diff`, and the payload codec that turns JSON
 //! into payloads and payloads into JSON through registered schemas.
 
 use std::collections::HashMap;
@@ -47,10 +47,31 @@ pub(crate) enum SchemaCommand {
         /// The version to show; the latest when left out.
         #[arg(long)]
         version: Option<String>,
-        /// text: the payload message and what it reaches, proto-like; json: one object.
+        /// text: the payload message and what it reaches, proto-like; json: one
+        /// object; proto: the version's files as .proto source, the payload's first.
+        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
+        output: ShowFormat,
+    },
+    /// The changes between two registered versions, with the checker's verdict.
+    Diff {
+        /// The event type, e.g. shop.order.placed.
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        /// The older version.
+        from: String,
+        /// The newer version.
+        to: String,
+        /// text: a line and a table of changes; json: one object.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ShowFormat {
+    Text,
+    Json,
+    Proto,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -146,6 +167,22 @@ fn request(args: &ProtoArgs) -> anyhow::Result<pb::RegisterSchemaRequest> {
     })
 }
 
+/// Changes as a table: rule, path, the bump each needs, what changed.
+fn changes_table(changes: &[pb::SchemaChange]) -> String {
+    let rows: Vec<Vec<String>> = changes
+        .iter()
+        .map(|c| {
+            vec![
+                c.rule.clone(),
+                c.path.clone(),
+                bump_name(c.needs).into(),
+                c.message.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["RULE", "PATH", "NEEDS", "CHANGE"], &rows)
+}
+
 fn changes_json(changes: &[pb::SchemaChange]) -> Value {
     changes
         .iter()
@@ -184,22 +221,7 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
                     schema.r#type, schema.version, schema.message_name
                 );
                 if !response.changes.is_empty() {
-                    let rows: Vec<Vec<String>> = response
-                        .changes
-                        .iter()
-                        .map(|c| {
-                            vec![
-                                c.rule.clone(),
-                                c.path.clone(),
-                                bump_name(c.needs).into(),
-                                c.message.clone(),
-                            ]
-                        })
-                        .collect();
-                    print!(
-                        "{}",
-                        output::table(&["RULE", "PATH", "NEEDS", "CHANGE"], &rows)
-                    );
+                    print!("{}", changes_table(&response.changes));
                 }
             }
         }
@@ -256,22 +278,7 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
                         output::table(&["RULE", "PATH", "NEEDS", "AGAINST", "CHANGE"], &rows)
                     );
                 } else if !c.changes.is_empty() {
-                    let rows: Vec<Vec<String>> = c
-                        .changes
-                        .iter()
-                        .map(|x| {
-                            vec![
-                                x.rule.clone(),
-                                x.path.clone(),
-                                bump_name(x.needs).into(),
-                                x.message.clone(),
-                            ]
-                        })
-                        .collect();
-                    print!(
-                        "{}",
-                        output::table(&["RULE", "PATH", "NEEDS", "CHANGE"], &rows)
-                    );
+                    print!("{}", changes_table(&c.changes));
                 }
             }
             if c.conflict {
@@ -337,6 +344,12 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        SchemaCommand::Diff {
+            ty,
+            from,
+            to,
+            output: format,
+        } => diff(server, ty, from, to, format).await?,
         SchemaCommand::Show {
             ty,
             version,
@@ -353,7 +366,18 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
                 .into_inner();
             let schema = Schema::new(&s.descriptor_set, &s.message_name)
                 .map_err(|e| anyhow!("the node sent a bad schema: {e}"))?;
-            if format == Format::Json {
+            if format == ShowFormat::Proto {
+                let own = schema.message().parent_file();
+                let mut files: Vec<_> = schema.pool().files().collect();
+                files.sort_by_key(|f| (f.name() != own.name(), f.name().to_owned()));
+                for (i, file) in files.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    println!("// {}", file.name());
+                    print!("{}", evmesh_schema::proto_source(file));
+                }
+            } else if format == ShowFormat::Json {
                 let set = prost_types::FileDescriptorSet::decode(s.descriptor_set.as_slice())?;
                 println!(
                     "{}",
@@ -367,6 +391,55 @@ pub(crate) async fn run(args: SchemaArgs) -> anyhow::Result<()> {
                 print!("{}", describe(schema.message()));
             }
         }
+    }
+    Ok(())
+}
+
+async fn diff(
+    server: &NodeArg,
+    ty: String,
+    from: String,
+    to: String,
+    format: Format,
+) -> anyhow::Result<()> {
+    let d = registry(server)
+        .await?
+        .compare_schemas(pb::CompareSchemasRequest {
+            r#type: ty,
+            from_version: from,
+            to_version: to,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    if format == Format::Json {
+        println!(
+            "{}",
+            json!({"type": d.r#type, "from_version": d.from_version, "to_version": d.to_version,
+                   "required_bump": bump_name(d.required_bump), "declared_bump": bump_name(d.declared_bump),
+                   "compatible": d.compatible, "changes": changes_json(&d.changes),
+                   "omitted_changes": d.omitted_changes})
+        );
+        return Ok(());
+    }
+    println!(
+        "{} {} -> {}: changes need {}, the step declares {}; {}",
+        d.r#type,
+        d.from_version,
+        d.to_version,
+        bump_name(d.required_bump),
+        bump_name(d.declared_bump),
+        if d.compatible {
+            "allowed"
+        } else {
+            "not allowed: the version is too small for its changes"
+        }
+    );
+    if !d.changes.is_empty() {
+        print!("{}", changes_table(&d.changes));
+    }
+    if d.omitted_changes > 0 {
+        println!("… and {} more changes", d.omitted_changes);
     }
     Ok(())
 }

@@ -408,6 +408,44 @@ fn schema_register_check_list_show_and_json_payloads() {
     );
     let shown = node.ok(&["schema", "show", "shop.order.placed", "--version", "1.0.0"]);
     assert!(!shown.contains("note"), "{shown}");
+    // The files as .proto source, the payload's first.
+    let source = node.ok(&["schema", "show", "shop.order.placed", "--output", "proto"]);
+    assert!(
+        source.starts_with("// shop/v1/order.proto\nsyntax = \"proto3\";")
+            && source.contains("import \"shop/v1/money.proto\";")
+            && source.contains("  Money total = 2;\n  string note = 3;")
+            && source.contains("// shop/v1/money.proto"),
+        "{source}"
+    );
+    // A diff of two registered versions, with the checker's verdict.
+    let diff = node.ok(&["schema", "diff", "shop.order.placed", "1.0.0", "1.1.0"]);
+    assert!(
+        diff.starts_with(
+            "shop.order.placed 1.0.0 -> 1.1.0: changes need MINOR, the step declares MINOR; allowed"
+        ) && diff.contains("FIELD_ADDED")
+            && diff.contains("shop.v1.OrderPlaced.note"),
+        "{diff}"
+    );
+    let diff = node.ok(&[
+        "schema",
+        "diff",
+        "shop.order.placed",
+        "1.0.0",
+        "1.1.0",
+        "--output",
+        "json",
+    ]);
+    let diff: serde_json::Value = serde_json::from_str(&diff).unwrap();
+    assert_eq!(diff["required_bump"], "MINOR");
+    assert_eq!(diff["compatible"], true);
+    one_line_error(
+        &node.run(&["schema", "diff", "shop.order.placed", "1.1.0", "1.0.0"]),
+        "from_version 1.1.0 must be below to_version 1.0.0",
+    );
+    one_line_error(
+        &node.run(&["schema", "diff", "shop.order.placed", "1.0.0", "3.0.0"]),
+        "version 3.0.0 of shop.order.placed is not registered; registered: 1.0.0, 1.1.0",
+    );
 
     // JSON payloads in, JSON payloads out.
     let ack = node.ok(&[

@@ -77,6 +77,7 @@ pub(crate) fn group_info(g: GroupInfo) -> pb::GroupInfo {
         max_deliveries: g.max_deliveries,
         head_sequence: g.head_sequence,
         skipped: g.counts.skipped,
+        oldest_unacked_age: Some(duration(g.oldest_unacked)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The node's HTTP listener (`evmesh serve --http-listen`): `/metrics` (OpenMetrics
-//! text), `/healthz` (the process is up) and `/readyz` (the node accepts
-//! publishes: its store can take them and it is not stopping).
+//! text), `/healthz` (the process is up), `/readyz` (the node accepts
+//! publishes: its store can take them and it is not stopping), and the web console
+//! ([`crate::console`]) at `/`.
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ pub(crate) async fn serve<S: Store>(
     store: S,
     metrics: Arc<Metrics>,
     down: watch::Receiver<bool>,
+    console: Option<Arc<crate::gateway::Gateway>>,
 ) {
     let mut stopping = down.clone();
     let shared = Arc::new(Shared {
@@ -38,6 +40,10 @@ pub(crate) async fn serve<S: Store>(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready::<S>))
         .with_state(shared);
+    let app = match console {
+        Some(gateway) => app.merge(crate::console::router(gateway)),
+        None => app,
+    };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stopping.wait_for(|&d| d).await;

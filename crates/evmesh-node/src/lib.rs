@@ -19,10 +19,12 @@ use tokio::sync::watch;
 pub mod auth;
 mod backup;
 mod catalog;
+mod console;
 mod convert;
 pub mod envelope;
 mod fairness;
 mod follow;
+mod gateway;
 mod http;
 mod listener;
 mod mesh;
@@ -131,6 +133,8 @@ impl Default for NodeConfig {
 pub enum NodeError {
     #[error("the built-in descriptor sets do not decode: {0}")]
     Descriptors(#[from] prost::DecodeError),
+    #[error("the built-in services do not describe themselves: {0}")]
+    Services(#[from] prost_reflect::DescriptorError),
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("stopping the store: {0}")]
@@ -275,6 +279,22 @@ pub async fn serve_with_http<S: Store>(
             set_health::<S>(&health, up).await;
         }
     });
+    // The console's JSON API calls the same services through the same layers.
+    let console = match &http {
+        Some(_) => {
+            let routes = tonic::service::Routes::new(mesh.clone()).add_service(registry.clone());
+            let grpc = tower::ServiceBuilder::new()
+                .layer(tower::util::MapResponseLayer::new(transport::response))
+                .layer(transport::CatchPanicLayer)
+                .layer(auth::AuthLayer(config.auth.clone()))
+                .service(routes);
+            Some(Arc::new(gateway::Gateway::new(
+                gateway::Grpc::new(grpc),
+                catalogs.clone(),
+            )?))
+        }
+        None => None,
+    };
     let reflection_v1 = reflection::v1::server(catalogs.clone());
     let reflection_v1alpha = reflection::v1alpha::server(catalogs);
 
@@ -287,7 +307,13 @@ pub async fn serve_with_http<S: Store>(
     let limits = config.connections.clone();
     if let Some(http) = http {
         tracing::info!(addr = %http.local_addr()?, "serving http");
-        tokio::spawn(http::serve(http, store.clone(), metrics, down_rx.clone()));
+        tokio::spawn(http::serve(
+            http,
+            store.clone(),
+            metrics,
+            down_rx.clone(),
+            console,
+        ));
     }
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)

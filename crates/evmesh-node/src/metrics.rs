@@ -372,7 +372,8 @@ impl Metrics {
     }
 }
 
-fn code_label(code: tonic::Code) -> &'static str {
+/// google.rpc.Code's name for `code`, e.g. `NOT_FOUND`.
+pub(crate) fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
         Code::Ok => "OK",

@@ -195,8 +195,8 @@ fn candidate(
     })
 }
 
-fn omitted(d: &Decision) -> u32 {
-    u32::try_from(d.verdict.changes.len().saturating_sub(MAX_LISTED_CHANGES)).unwrap_or(u32::MAX)
+fn omitted(verdict: &evmesh_schema::Verdict) -> u32 {
+    u32::try_from(verdict.changes.len().saturating_sub(MAX_LISTED_CHANGES)).unwrap_or(u32::MAX)
 }
 
 fn schema_message(
@@ -218,10 +218,33 @@ fn schema_message(
     }
 }
 
+/// A registered version of a type (its latest when `version` is `None`), or
+/// NOT_FOUND naming what is registered. `asked` is the version as the request wrote
+/// it.
+fn registered<'c>(
+    catalog: &'c crate::catalog::Catalog,
+    ty: &str,
+    version: Option<&Version>,
+    asked: &str,
+) -> Result<(&'c Version, &'c Arc<Entry>), Status> {
+    catalog
+        .resolve(ty, version)
+        .ok_or_else(|| match catalog.types.get(ty) {
+            None => Status::not_found(format!("no schema is registered for type {}", quoted(ty))),
+            Some(versions) => Status::not_found(format!(
+                "version {asked} of {ty} is not registered; registered: {}",
+                versions
+                    .keys()
+                    .map(Version::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        })
+}
+
 /// The first [`MAX_LISTED_CHANGES`] changes; the response counts the rest.
-fn changes(decision: &Decision) -> Vec<pb::SchemaChange> {
-    decision
-        .verdict
+fn changes(verdict: &evmesh_schema::Verdict) -> Vec<pb::SchemaChange> {
+    verdict
         .changes
         .iter()
         .take(MAX_LISTED_CHANGES)
@@ -367,8 +390,8 @@ impl<S: Store> RegistryService<S> {
         Ok(Response::new(pb::RegisterSchemaResponse {
             schema: Some(schema),
             created: true,
-            changes: changes(decision),
-            omitted_changes: omitted(decision),
+            changes: changes(&decision.verdict),
+            omitted_changes: omitted(&decision.verdict),
         }))
     }
 
@@ -500,8 +523,8 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
                 .unwrap_or_default(),
             required_bump: bump(d.verdict.needs) as i32,
             declared_bump: bump(declared) as i32,
-            changes: changes(&d),
-            omitted_changes: omitted(&d),
+            changes: changes(&d.verdict),
+            omitted_changes: omitted(&d.verdict),
             omitted_violations: u32::try_from(
                 d.violations.len().saturating_sub(MAX_LISTED_CHANGES),
             )
@@ -523,6 +546,57 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         }))
     }
 
+    async fn compare_schemas(
+        &self,
+        request: Request<pb::CompareSchemasRequest>,
+    ) -> Result<Response<pb::CompareSchemasResponse>, Status> {
+        allowed(&request, RegistryAccess::Read)?;
+        let request = request.into_inner();
+        if request.r#type.is_empty() {
+            return Err(Status::invalid_argument("type is required"));
+        }
+        event_type(&request.r#type)?;
+        let (Some(from), Some(to)) = (
+            version(&request.from_version, "from_version")?,
+            version(&request.to_version, "to_version")?,
+        ) else {
+            return Err(Status::invalid_argument(
+                "from_version and to_version are both required",
+            ));
+        };
+        if from >= to {
+            return Err(Status::invalid_argument(format!(
+                "from_version {from} must be below to_version {to}"
+            )));
+        }
+        let catalogs = self.catalogs.clone();
+        let ty = request.r#type;
+        off_runtime(move || {
+            let catalog = catalogs.load();
+            let compiled = |v: &Version, asked: &str| {
+                let (v, entry) = registered(&catalog, &ty, Some(v), asked)?;
+                catalog.schema(&ty, v, entry).map_err(|e| {
+                    Status::internal(format!("version {v} of {ty} no longer compiles: {e}"))
+                })
+            };
+            let old = compiled(&from, &request.from_version)?;
+            let new = compiled(&to, &request.to_version)?;
+            let verdict = evmesh_schema::compare(&old, &new);
+            let declared = declared_bump(&from, &to);
+            Ok(Response::new(pb::CompareSchemasResponse {
+                compatible: verdict.allowed_by(declared),
+                required_bump: bump(verdict.needs) as i32,
+                declared_bump: bump(declared) as i32,
+                changes: changes(&verdict),
+                omitted_changes: omitted(&verdict),
+                r#type: ty.clone(),
+                from_version: from.to_string(),
+                to_version: to.to_string(),
+            }))
+        })
+        .await
+    }
+
     async fn get_schema(
         &self,
         request: Request<pb::GetSchemaRequest>,
@@ -535,24 +609,12 @@ impl<S: Store> SchemaRegistry for RegistryService<S> {
         event_type(&request.r#type)?;
         let version = version(&request.version, "version")?;
         let catalog = self.catalogs.load();
-        let (version, entry) = catalog
-            .resolve(&request.r#type, version.as_ref())
-            .ok_or_else(|| match catalog.types.get(&request.r#type) {
-                None => Status::not_found(format!(
-                    "no schema is registered for type {}",
-                    quoted(&request.r#type)
-                )),
-                Some(versions) => Status::not_found(format!(
-                    "version {} of {} is not registered; registered: {}",
-                    request.version,
-                    request.r#type,
-                    versions
-                        .keys()
-                        .map(Version::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-            })?;
+        let (version, entry) = registered(
+            &catalog,
+            &request.r#type,
+            version.as_ref(),
+            &request.version,
+        )?;
         Ok(Response::new(schema_message(
             &request.r#type,
             version,

@@ -49,6 +49,18 @@ pub struct Verdict {
     pub changes: Vec<Change>,
 }
 
+impl Verdict {
+    /// Whether a version step that declares `declared` may carry every change.
+    pub fn allowed_by(&self, declared: Bump) -> bool {
+        self.changes.iter().all(|c| Self::allows(c, declared))
+    }
+
+    /// Whether a version step that declares `declared` may carry `change`.
+    pub(crate) fn allows(change: &Change, declared: Bump) -> bool {
+        change.needs <= declared
+    }
+}
+
 /// Compares `old` to `new` over every type reachable from the payload message.
 pub fn compare(old: &Schema, new: &Schema) -> Verdict {
     let mut checker = Checker::default();

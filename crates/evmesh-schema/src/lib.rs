@@ -12,6 +12,7 @@ mod descriptors;
 pub mod fixtures;
 mod policy;
 mod schema;
+mod source;
 
 pub use check::{Bump, Change, Verdict, compare};
 pub use descriptors::{SchemaLimits, quoted};
@@ -20,3 +21,4 @@ pub use policy::{
     declared_bump, parse_version,
 };
 pub use schema::{Schema, SchemaError};
+pub use source::proto_source;

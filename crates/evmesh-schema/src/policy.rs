@@ -184,7 +184,7 @@ fn violations(verdict: &Verdict, allowed: Bump, against: &Version) -> Vec<Violat
     verdict
         .changes
         .iter()
-        .filter(|c| c.needs > allowed)
+        .filter(|c| !Verdict::allows(c, allowed))
         .map(|c| Violation {
             rule: c.rule.to_owned(),
             path: c.path.clone(),

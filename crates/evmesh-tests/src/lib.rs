@@ -42,6 +42,8 @@ pub enum Backend {
 /// abruptly; [`TestNode::stop`] stops it gracefully.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The HTTP listener (metrics, the console), when the node has one.
+    pub http: Option<SocketAddr>,
     pub backend: Backend,
     pub config: evmesh_node::NodeConfig,
     data: PathBuf,
@@ -104,8 +106,17 @@ impl TestNode {
         let jetstream = nats
             .as_ref()
             .map(|server| evmesh_store::jetstream::JetStreamConfig::new(vec![server.url()]));
-        let mut node = Self::serve(backend, data, config, jetstream).await;
+        let mut node = Self::serve(backend, data, config, jetstream, false).await;
         node.nats = nats;
+        node
+    }
+
+    /// A node with `config` over a fresh temporary directory, with an HTTP listener
+    /// (metrics and the console) on an ephemeral port too: [`TestNode::http`].
+    pub async fn start_with_http(config: evmesh_node::NodeConfig) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut node = Self::serve(Backend::Sqlite, dir.path(), config, None, true).await;
+        node._dir = Some(dir);
         node
     }
 
@@ -121,7 +132,14 @@ impl TestNode {
         config: evmesh_node::NodeConfig,
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut node = Self::serve(Backend::JetStream, dir.path(), config, Some(jetstream)).await;
+        let mut node = Self::serve(
+            Backend::JetStream,
+            dir.path(),
+            config,
+            Some(jetstream),
+            false,
+        )
+        .await;
         node._dir = Some(dir);
         node
     }
@@ -131,11 +149,21 @@ impl TestNode {
         data: &Path,
         config: evmesh_node::NodeConfig,
         jetstream: Option<evmesh_store::jetstream::JetStreamConfig>,
+        http: bool,
     ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let http = match http {
+            true => Some(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind http"),
+            ),
+            false => None,
+        };
+        let http_addr = http.as_ref().map(|l| l.local_addr().expect("http addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let config_copy = config.clone();
         let stopped = async move {
@@ -145,10 +173,11 @@ impl TestNode {
             store: S,
             config: evmesh_node::NodeConfig,
             listener: tokio::net::TcpListener,
+            http: Option<tokio::net::TcpListener>,
             stopped: impl Future<Output = ()> + Send + 'static,
         ) -> JoinHandle<()> {
             tokio::spawn(async move {
-                evmesh_node::serve(store, config, listener, stopped)
+                evmesh_node::serve_with_http(store, config, listener, http, stopped)
                     .await
                     .expect("node failed");
             })
@@ -160,6 +189,7 @@ impl TestNode {
                     .expect("open store"),
                 config,
                 listener,
+                http,
                 stopped,
             ),
             Some(jetstream) => spawn(
@@ -168,11 +198,13 @@ impl TestNode {
                     .expect("open store"),
                 config,
                 listener,
+                http,
                 stopped,
             ),
         };
         Self {
             addr,
+            http: http_addr,
             backend,
             config: config_copy,
             data: data.to_owned(),
@@ -217,8 +249,9 @@ impl TestNode {
         let data = self.data.clone();
         let nats = self.nats.take();
         let jetstream = self.jetstream.take();
+        let http = self.http.is_some();
         let dir = self.stop().await;
-        let mut node = Self::serve(backend, &data, config, jetstream).await;
+        let mut node = Self::serve(backend, &data, config, jetstream, http).await;
         node._dir = dir;
         node.nats = nats;
         node
