@@ -48,6 +48,15 @@ pub mod fuzzing {
         crate::validate::payload_of(schema, bytes).map_err(|r| r.message())
     }
 }
+/// Entry points for the benches in `benches/`; not an API.
+#[doc(hidden)]
+pub mod benching {
+    /// What the publish path does for the metrics on one batch of `events`, all
+    /// stored; with `on` false, what a node without metrics does (nothing).
+    pub fn metrics_of_a_batch(on: bool, events: Vec<evmesh_proto::v1::Event>) -> impl FnMut() {
+        crate::mesh::metrics_of_a_batch(on, events)
+    }
+}
 pub use listener::ConnectionLimits;
 pub use registry::RegistryLimits;
 

@@ -250,6 +250,11 @@ impl Metrics {
         OTHER.to_owned()
     }
 
+    /// Whether the node counts: it has an HTTP listener to serve the counts on.
+    pub(crate) fn on(&self) -> bool {
+        self.on
+    }
+
     /// `n` events of `event_type` with `outcome`: one label lookup for them all.
     pub(crate) fn published(&self, event_type: &str, outcome: Outcome, n: u64) {
         if !self.on {

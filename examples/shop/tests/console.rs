@@ -39,7 +39,8 @@ fn node_path() -> String {
 }
 
 /// Runs the browser script for `scenario` and answers its requests: a line
-/// `publish TYPE` from it publishes an event of TYPE and answers `published ID`.
+/// `publish TYPE` (or `publish TYPE large`, with a payload of some 3 KB) from it
+/// publishes an event of TYPE and answers `published ID`.
 async fn run_script(scenario: &str, env: &[(&str, String)], node: &TestNode) {
     let mut command = std::process::Command::new("node");
     command
@@ -75,11 +76,19 @@ async fn run_script(scenario: &str, env: &[(&str, String)], node: &TestNode) {
     let talk = async {
         while let Some(line) = lines.recv().await {
             println!("console.cjs: {line}");
-            if let Some(ty) = line.strip_prefix("publish ") {
+            if let Some(request) = line.strip_prefix("publish ") {
+                let (ty, large) = match request.strip_suffix(" large") {
+                    Some(ty) => (ty, true),
+                    None => (request, false),
+                };
                 let id = format!("tail-{}", uuid::Uuid::now_v7());
                 let payload = OrderPlaced {
                     order_id: "o-tail".into(),
-                    customer: "grace".into(),
+                    customer: if large {
+                        "grace ".repeat(500)
+                    } else {
+                        "grace".into()
+                    },
                     total_cents: 1_234,
                     items: Vec::new(),
                 };
@@ -153,20 +162,17 @@ async fn every_page_shows_what_the_node_holds_in_a_real_browser() {
         .unwrap();
     }
     let shop = evmesh_shop::start_all(&mesh, dir.path()).await.unwrap();
-    let placed = evmesh_shop::place_order(
-        &mesh,
-        OrderPlaced {
-            order_id: "o-1".into(),
-            customer: "ada".into(),
-            total_cents: 4_200,
-            items: vec![LineItem {
-                sku: "book".into(),
-                quantity: 2,
-            }],
-        },
-    )
-    .await
-    .unwrap();
+    let order = |id: &str| OrderPlaced {
+        order_id: id.into(),
+        customer: "ada".into(),
+        total_cents: 4_200,
+        items: vec![LineItem {
+            sku: "book".into(),
+            quantity: 2,
+        }],
+    };
+    let placed = evmesh_shop::place_order(&mesh, order("o-1")).await.unwrap();
+    evmesh_shop::place_order(&mesh, order("o-2")).await.unwrap();
     let mut client = node.client().await;
     eventually("the workflow's four events", || {
         let mut client = client.clone();
@@ -186,8 +192,9 @@ async fn every_page_shows_what_the_node_holds_in_a_real_browser() {
     })
     .await;
 
-    // A member of "audit" that fails the order once, which dead-letters it (one
-    // delivery allowed), and then takes it again once it is redriven.
+    // A member of "audit" that fails both orders once, which dead-letters them (one
+    // delivery allowed); the page purges the second and redrives the first, which
+    // the member then takes again.
     let mut audit = Sub::open(
         &mut client,
         pb::SubscribeOpen {
@@ -199,20 +206,43 @@ async fn every_page_shows_what_the_node_holds_in_a_real_browser() {
     .await
     .unwrap();
     let first = audit.next().await;
+    let second = audit.next().await;
     audit
-        .nack(&[first.sequence], Duration::ZERO, "the audit store is down")
+        .nack(
+            &[first.sequence, second.sequence],
+            Duration::ZERO,
+            "the audit store is down",
+        )
         .await;
-    evmesh_tests::dead_letters_eventually(&client, "audit").await;
+    eventually("two dead letters", || {
+        let mut client = client.clone();
+        async move {
+            let letters = client
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    group: "audit".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .dead_letters;
+            (letters.len() == 2).then_some(())
+        }
+    })
+    .await;
     let (redelivered_tx, redelivered) = tokio::sync::oneshot::channel();
-    let dead = first.sequence;
+    let (dead, purged) = (first.sequence, second.sequence);
     let member = tokio::spawn(async move {
         // The events the tail publishes come to the member too: each acked.
+        let mut seen = Vec::new();
         loop {
             let delivery = audit.next().await;
             audit.ack(&[delivery.sequence]).await;
+            seen.push(delivery.sequence);
             if delivery.sequence == dead {
                 let _ = redelivered_tx.send(delivery);
-                return audit;
+                // Kept open: a member that leaves at once may take its ack along.
+                return (seen, audit);
             }
         }
     });
@@ -242,7 +272,11 @@ async fn every_page_shows_what_the_node_holds_in_a_real_browser() {
         again.attempt, 1,
         "a redriven event starts again at attempt 1"
     );
-    drop(member.await.unwrap());
+    let (seen, _audit) = member.await.unwrap();
+    assert!(
+        !seen.contains(&purged),
+        "the purged dead letter never comes back: {seen:?}"
+    );
     for consumer in shop.consumers {
         consumer.stop().await.unwrap();
     }

@@ -32,8 +32,8 @@ function answer() {
   return answers.length ? Promise.resolve(answers.shift()) : new Promise((resolve) => waiting.push(resolve));
 }
 
-async function publish(type) {
-  console.log('publish ' + type);
+async function publish(type, large) {
+  console.log('publish ' + type + (large ? ' large' : ''));
   const line = await answer();
   const id = line.replace(/^published /, '');
   if (!id || id === line) throw new Error('the test answered ' + JSON.stringify(line));
@@ -84,6 +84,9 @@ function watch(page, label) {
   });
 }
 
+// What the page showed when a check failed, for the log.
+let current = null;
+
 async function pages(browser) {
   const correlation = process.env.CORRELATION_ID;
   const group = process.env.GROUP;
@@ -91,6 +94,7 @@ async function pages(browser) {
   const desktop = await browser.newContext({ viewport: { width: 1280, height: 860 }, timezoneId: 'Asia/Tokyo', colorScheme: 'light' });
   const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2, timezoneId: 'America/New_York', colorScheme: 'dark' });
   const page = await desktop.newPage();
+  current = page;
   const small = await phone.newPage();
   watch(page, 'desktop');
   watch(small, 'phone');
@@ -138,7 +142,7 @@ async function pages(browser) {
   await both('/groups', '#groups', 'groups');
   const groups = await page.locator('#groups tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.group));
   for (const g of ['payment', 'inventory', 'shipping', 'order-status', group]) check(groups.includes(g), `/groups lists ${g}`);
-  check((await text(page, `#groups tr[data-group="${group}"] td[data-field="dead_letters"]`)) === '1', `${group} has one dead letter`);
+  check((await text(page, `#groups tr[data-group="${group}"] td[data-field="dead_letters"]`)) === '2', `${group} has two dead letters`);
   check((await text(page, `#groups tr[data-group="${group}"] td[data-field="members"]`)) === '1', `${group} has one member`);
   await page.locator(`#groups tr[data-group="${group}"] a`).first().click();
   await page.waitForURL(base + '/groups/' + group, { timeout: WAIT });
@@ -149,7 +153,14 @@ async function pages(browser) {
     await small.locator('#group-facts').waitFor({ timeout: WAIT });
     await shot(small, 'group-phone');
   }
-  check((await text(page, '#group-facts dd[data-fact="Dead letters"]')) === '1', 'the group page shows its dead letter');
+  check((await text(page, '#group-facts dd[data-fact="Dead letters"]')) === '2', 'the group page shows its dead letters');
+  // A seek, after a confirmation.
+  await page.selectOption('#seek-to', 'latest');
+  await page.locator('#seek-to ~ button').click();
+  await page.locator('dialog#confirm').waitFor({ state: 'visible', timeout: WAIT });
+  check((await page.locator('dialog#confirm').innerText()).includes(`Move ${group} to latest?`), 'seeking asks first');
+  await page.locator('#confirm-ok').click();
+  check((await text(page, '#seek-result')).startsWith('Moved: the ack floor is now #'), 'the group moved to the head of the log');
 
   // A chain: the shop's four events in causal order, as a timeline and a tree.
   await both('/chains/' + encodeURIComponent(correlation), '#timeline .row', 'chain');
@@ -185,12 +196,17 @@ async function pages(browser) {
   check(link === '/chains/' + id, 'a tailed event links to its chain');
   // Paused, it holds what arrives; resumed, it shows it.
   await page.locator('#tail-pause').click();
-  const held = await publish('shop.order.placed');
+  const held = await publish('shop.order.placed', true);
   await page.waitForFunction(() => /1 held/.test(document.getElementById('tail-counts').textContent), null, { timeout: WAIT });
   check(await page.locator(`#tail-events li[data-id="${held}"]`).count() === 0, 'a paused tail does not show new events');
   await page.locator('#tail-pause').click();
-  await page.locator(`#tail-events li[data-id="${held}"]`).waitFor({ timeout: WAIT });
+  const heldItem = page.locator(`#tail-events li[data-id="${held}"]`);
+  await heldItem.waitFor({ timeout: WAIT });
   check(true, 'resumed, the tail shows what it held');
+  await heldItem.locator('summary .seq').click();
+  const large = heldItem.locator('details.large');
+  check(await large.count() === 1 && !(await large.evaluate((d) => d.open)), 'a large payload starts collapsed');
+  check((await large.locator('summary').innerText()).includes('characters'), 'a collapsed payload says how large it is');
   await shot(page, 'tail-desktop');
   if (shots) {
     await small.locator(`#tail-events li[data-id="${held}"]`).waitFor({ timeout: WAIT });
@@ -201,6 +217,15 @@ async function pages(browser) {
   await both(`/groups/${group}/dead-letters`, '#dead-letters', 'dead-letters');
   const reason = await text(page, '#dead-letters tbody tr td.reason');
   check(reason === 'the audit store is down', 'the dead letter shows its last reason');
+  const sequences = await page.locator('#dead-letters tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.sequence));
+  check(sequences.length === 2, 'both dead letters are listed');
+  // Purge the second one, after a confirmation.
+  await page.locator(`#dead-letters tr[data-sequence="${sequences[1]}"] button.danger`).click();
+  await page.locator('dialog#confirm').waitFor({ state: 'visible', timeout: WAIT });
+  check((await page.locator('dialog#confirm').innerText()).includes('Purge 1 dead letter?'), 'purging asks first');
+  await page.locator('#confirm-ok').click();
+  await page.locator(`#dead-letters tr[data-sequence="${sequences[1]}"]`).waitFor({ state: 'detached', timeout: WAIT });
+  check((await text(page, '#dlq-result')).includes('Purged: 1'), 'the page says one dead letter was purged');
   await page.locator('#redrive-all').click();
   const dialog = page.locator('dialog#confirm');
   await dialog.waitFor({ state: 'visible', timeout: WAIT });
@@ -259,6 +284,10 @@ async function auth(browser) {
     else throw new Error('no scenario ' + scenario);
   } catch (error) {
     console.error(error.stack || String(error));
+    if (current) {
+      const shown = await current.evaluate(() => location.href + '\n' + document.getElementById('main').innerText).catch(() => '');
+      console.error('the page showed: ' + shown);
+    }
     process.exitCode = 1;
   } finally {
     await browser.close();
