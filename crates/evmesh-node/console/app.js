@@ -62,7 +62,18 @@ async function all(method, request, items, next) {
   }
 }
 
+// Asks for a token once, however many calls were refused meanwhile (a page that
+// refreshes by itself asks again while the dialog is open).
 function login(reason) {
+  if (!login.pending) {
+    login.pending = ask(reason).finally(() => {
+      login.pending = null;
+    });
+  }
+  return login.pending;
+}
+
+function ask(reason) {
   const dialog = document.getElementById('login');
   const input = document.getElementById('login-token');
   const error = document.getElementById('login-error');
@@ -248,6 +259,7 @@ async function route() {
     else if (parts[0] === 'groups' && parts[parts.length - 1] === 'dead-letters') await deadLettersPage(parts.slice(1, -1).join('/'));
     else if (parts[0] === 'groups') await groupPage(parts.slice(1).join('/'));
     else if (parts[0] === 'chains' && parts.length > 1) await chainPage(parts.slice(1).join('/'));
+    else if (parts[0] === 'nodes' && parts.length === 1) await nodesPage();
     else render(h('h1', {}, 'Not found'), h('p', {}, 'No page at ' + path + '.'));
   } catch (error) {
     showError(error);
@@ -735,6 +747,36 @@ async function deadLettersPage(name) {
   render(
     h('p', { class: 'crumbs' }, h('a', { href: '/groups' }, 'Groups'), ' / ', h('a', { href: '/groups/' + encodeURIComponent(name) }, name), ' / '),
     h('h1', {}, 'Dead letters of ', name), result, body);
+  await draw();
+}
+
+// ---------------------------------------------------------------- nodes
+
+async function nodesPage() {
+  title('Nodes');
+  const body = h('div', {});
+  const draw = async () => {
+    try {
+      const answer = await api('evmesh.v1.Mesh/ListNodes', {});
+      const rows = answer.nodes.map((n) => h('tr', { dataset: { node: n.name } },
+        h('td', {}, h('strong', {}, n.name), n.this_node ? h('span', { class: 'muted' }, ' (this node)') : null),
+        h('td', { class: 'mono' }, n.address),
+        h('td', {}, when(n.started_at)),
+        h('td', {}, when(n.seen_at)),
+        h('td', {}, h('span', { class: 'tags' }, n.groups.map((g) => h('a', {
+          href: '/groups/' + encodeURIComponent(g.name),
+          class: 'tag',
+          title: (g.owner ? 'owned here: its dispatcher runs on this node; ' : '') + `${g.members} member(s) joined here`,
+        }, g.name + (g.owner ? ' ★' : '')))))));
+      body.replaceChildren(table(['Node', 'Address', 'Started', 'Last seen', 'Groups (★ owned here)'], rows, { id: 'nodes' }));
+    } catch (error) {
+      showError(error, body);
+    }
+  };
+  render(h('h1', {}, 'Nodes'),
+    h('p', { class: 'muted small' }, 'The nodes on this storage that announced themselves in the last 10 s; refreshes every 2 s.'),
+    body);
+  every(2000, draw);
   await draw();
 }
 

@@ -34,6 +34,7 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route("/groups", get(page))
         .route("/groups/{*rest}", get(page))
         .route("/chains/{*rest}", get(page))
+        .route("/nodes", get(page))
         .route(
             "/console/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),

@@ -162,6 +162,11 @@ async function pages(browser) {
   await page.locator('#confirm-ok').click();
   check((await text(page, '#seek-result')).startsWith('Moved: the ack floor is now #'), 'the group moved to the head of the log');
 
+  // The nodes of the mesh: this one alone, with the groups it owns.
+  await both('/nodes', '#nodes', 'nodes');
+  const nodes = await page.locator('#nodes tbody tr').evaluateAll((rows) => rows.map((r) => r.innerText));
+  check(nodes.length === 1 && nodes[0].includes('this node') && nodes[0].includes(group), 'the nodes page shows this node and the groups it serves: ' + JSON.stringify(nodes));
+
   // A chain: the shop's four events in causal order, as a timeline and a tree.
   await both('/chains/' + encodeURIComponent(correlation), '#timeline .row', 'chain');
   const rows = await page.locator('#timeline .row').evaluateAll((rs) => rs.map((r) => [r.dataset.type, Number(r.dataset.depth)]));
@@ -259,6 +264,8 @@ async function auth(browser) {
   const dialog = page.locator('dialog#login');
   await dialog.waitFor({ state: 'visible', timeout: WAIT });
   check(true, 'the console asks for a token');
+  // The page refreshes by itself meanwhile: it asks once, not again.
+  await page.waitForTimeout(2500);
   await page.fill('#login-token', 'evm_not-a-token-of-anyone');
   await page.locator('#login-form button[value="ok"]').click();
   await page.locator('#login-error:not([hidden])').waitFor({ timeout: WAIT });
