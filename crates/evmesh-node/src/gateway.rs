@@ -45,6 +45,11 @@ const SERVICES: [&str; 2] = ["evmesh.v1.Mesh", "evmesh.v1.SchemaRegistry"];
 /// a slow browser never holds the subscription back.
 const TAIL_BUFFER: usize = 1024;
 
+/// Tails open at once through the JSON API, all browsers together; one more is
+/// refused with RESOURCE_EXHAUSTED. (The HTTP listener has no connection cap of its
+/// own, as the gRPC listener has.)
+pub(crate) const MAX_TAILS: usize = 64;
+
 /// A request body larger than this is refused; the console's requests are small.
 pub(crate) const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
@@ -52,6 +57,8 @@ pub(crate) struct Gateway {
     grpc: Grpc,
     pool: DescriptorPool,
     catalogs: Arc<Catalogs>,
+    /// One permit per open tail.
+    tails: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -64,6 +71,7 @@ impl Gateway {
             grpc,
             pool,
             catalogs,
+            tails: Arc::new(tokio::sync::Semaphore::new(MAX_TAILS)),
         })
     }
 
@@ -390,16 +398,20 @@ pub(crate) async fn tail(
             "open.auto_ack must be true: a tail never acks",
         ));
     }
+    let permit = gateway.tails.clone().try_acquire_owned().map_err(|_| {
+        Failure::new(
+            Code::ResourceExhausted,
+            format!("{MAX_TAILS} tails are open through the console already: close one first"),
+        )
+    })?;
     let (parts, body) = gateway.call(&method, &request, &headers).await.into_parts();
     refused_at_once(&parts.headers)?;
     let (lines, read) = mpsc::channel::<Bytes>(TAIL_BUFFER);
-    tokio::spawn(forward(
-        gateway,
-        method.output(),
-        parts.headers,
-        body,
-        lines,
-    ));
+    let output = method.output();
+    tokio::spawn(async move {
+        forward(gateway, output, parts.headers, body, lines).await;
+        drop(permit);
+    });
     let stream = tokio_stream::wrappers::ReceiverStream::new(read).map(Ok::<_, Infallible>);
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();

@@ -257,3 +257,51 @@ async fn a_slow_tail_drops_and_counts_instead_of_holding_the_node_back() {
     drop(tail);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tails_are_capped_and_a_closed_one_frees_its_place() {
+    let node = TestNode::start_with_http(evmesh_node::NodeConfig::default()).await;
+    let http = node.http.unwrap();
+    let open = r#"{"open": {"patterns": ["app.>"], "auto_ack": true}}"#;
+    let tail = || async move {
+        post(
+            http,
+            "/api/evmesh.v1.Mesh/Subscribe",
+            "application/json",
+            "",
+            open,
+        )
+        .await
+    };
+    let mut tails = Vec::new();
+    for _ in 0..64 {
+        let (tail, status, _) = tail().await;
+        assert_eq!(status, 200);
+        tails.push(tail);
+    }
+    let (mut refused, status, _) = post(
+        http,
+        "/api/evmesh.v1.Mesh/Subscribe",
+        "application/json",
+        "Connection: close\r\n",
+        open,
+    )
+    .await;
+    assert_eq!(status, 429);
+    let mut body = Vec::new();
+    refused.read_to_end(&mut body).await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("RESOURCE_EXHAUSTED") && body.contains("64 tails are open"),
+        "{body}"
+    );
+    // A browser that goes away gives its place back.
+    drop(tails.pop());
+    evmesh_tests::eventually("a closed tail's place is free again", || async move {
+        let (_tail, status, _) = tail().await;
+        (status == 200).then_some(())
+    })
+    .await;
+    drop(tails);
+    node.stop().await;
+}
