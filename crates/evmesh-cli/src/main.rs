@@ -235,7 +235,27 @@ pub(crate) enum LogFormat {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A reader that goes away (`evmesh subscribe … | head -1`) ends the command
+/// quietly with 141, as SIGPIPE ends other Unix tools: Rust ignores SIGPIPE, so a
+/// print to the closed pipe panics instead, which would print a panic message.
+fn quiet_on_broken_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     // One crypto provider for every TLS connection the process makes or takes.
     evmesh_node::tls::install_provider();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();

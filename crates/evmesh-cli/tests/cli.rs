@@ -638,3 +638,58 @@ fn serve_on_nats() {
     assert!(!out.status.success());
     one_line_error(&out, &format!("evmesh: cannot use NATS at {down}"));
 }
+
+/// `evmesh subscribe … | head -1`: once the reader is gone, the next line ends the
+/// command quietly (141, as a SIGPIPE would), not with a panic.
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Served::start(&dir.path().join("data"));
+    let payload = dir.path().join("payload.bin");
+    std::fs::write(&payload, b"\x0a\x01x").unwrap();
+    let publish = || {
+        node.ok(&[
+            "publish",
+            "--type",
+            "app.thing.done",
+            "--message",
+            "app.v1.Thing",
+            "--payload-file",
+            payload.to_str().unwrap(),
+        ])
+    };
+    publish();
+    let mut child = std::process::Command::new(BIN)
+        .args(["subscribe", "app.>", "--from", "earliest"])
+        .env("EVMESH_SERVER", &node.addr)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("app.thing.done"), "{first}");
+    // The reader is gone (dropped above); the next event's line meets a closed pipe.
+    publish();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &child.id().to_string()])
+                .status();
+            panic!("evmesh subscribe went on writing to a closed pipe");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
