@@ -126,7 +126,7 @@ fn kill_9_cycles_under_publish_load_lose_nothing_and_store_nothing_twice() {
         unacked = left;
     }
     let node = Served::start(&data);
-    let stored = runtime.block_on(all_stored(&node.url()));
+    let stored = runtime.block_on(all_stored(&node.url(), "kill.>"));
     let mut lost = 0;
     for (id, sequence) in &acked {
         match stored.get(id) {
@@ -147,8 +147,8 @@ fn kill_9_cycles_under_publish_load_lose_nothing_and_store_nothing_twice() {
     );
 }
 
-/// Every event of the test's type, id → sequence; an id stored twice fails.
-async fn all_stored(url: &str) -> HashMap<String, u64> {
+/// Every event matching `pattern`, id → sequence; an id stored twice fails.
+async fn all_stored(url: &str, pattern: &str) -> HashMap<String, u64> {
     let mut client = pb::mesh_client::MeshClient::connect(url.to_owned())
         .await
         .unwrap();
@@ -157,7 +157,7 @@ async fn all_stored(url: &str) -> HashMap<String, u64> {
         pb::SubscribeOpen {
             auto_ack: true,
             max_in_flight: 10_000,
-            ..evmesh_tests::open(&["kill.>"])
+            ..evmesh_tests::open(&[pattern])
         },
     )
     .await
@@ -343,23 +343,7 @@ fn a_full_disk_refuses_publishes_without_a_false_ack_and_recovers() {
         },
     ));
     // Every acked event is there, at its sequence.
-    let stored = runtime.block_on(async {
-        let mut sub = evmesh_tests::Sub::open(
-            &mut client,
-            pb::SubscribeOpen {
-                auto_ack: true,
-                max_in_flight: 10_000,
-                ..evmesh_tests::open(&["disk.>"])
-            },
-        )
-        .await
-        .unwrap();
-        let mut stored = HashMap::new();
-        while let Some(d) = sub.try_next(Duration::from_millis(1000)).await {
-            stored.insert(d.event.unwrap().id, d.sequence);
-        }
-        stored
-    });
+    let stored = runtime.block_on(all_stored(&node.url(), "disk.>"));
     for (id, sequence) in &acked {
         assert_eq!(stored.get(id), Some(sequence), "acked {id} is stored");
     }
