@@ -44,9 +44,13 @@ pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
     }
     let underneath = cause.to_string();
     if !std::ptr::addr_eq(cause, &status) && !status.message().contains(&underneath) {
+        // With TLS 1.3 the client may see the handshake done before the node has
+        // judged its certificate: the node's refusal then comes as the connection
+        // closing under the first call ("connection was not ready").
         let hint = if underneath.contains("alert")
             || underneath.contains("connection closed")
             || underneath.contains("broken pipe")
+            || underneath.contains("connection was not ready")
         {
             ": the node closed the connection, as a node with mTLS does to a client whose certificate its CA did not sign, or that has expired or is missing (--cert and --key)"
         } else {

@@ -193,9 +193,7 @@ impl TestNode {
                 stopped,
             ),
             Some(jetstream) => spawn(
-                evmesh_store::jetstream::JetStreamStore::open(jetstream)
-                    .await
-                    .expect("open store"),
+                open_jetstream(jetstream).await,
                 config,
                 listener,
                 http,
@@ -255,6 +253,27 @@ impl TestNode {
         node._dir = dir;
         node.nats = nats;
         node
+    }
+}
+
+/// The JetStream store, once the cluster answers: a cluster that a test has just
+/// started (or restarted a server of) may still be electing its leaders on this
+/// machine's two busy cores, and a node refuses to start until it is done.
+async fn open_jetstream(
+    jetstream: &evmesh_store::jetstream::JetStreamConfig,
+) -> evmesh_store::jetstream::JetStreamStore {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match evmesh_store::jetstream::JetStreamStore::open(jetstream).await {
+            Ok(store) => return store,
+            Err(evmesh_store::StoreError::Unavailable(why))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                eprintln!("the JetStream cluster is not ready yet ({why}); trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("open store: {e}"),
+        }
     }
 }
 
