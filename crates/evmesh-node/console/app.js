@@ -362,13 +362,13 @@ async function schemaPage(type, params) {
           },
         }, pick('diff-from', 'From', defaultFrom), pick('diff-to', 'to', defaultTo), h('button', { type: 'submit' }, 'Compare')),
       diffBox));
-  if (names.length >= 2) await showDiff(type, defaultFrom, defaultTo, diffBox, versions);
+  if (names.length >= 2) await showDiff(type, defaultFrom, defaultTo, diffBox);
   if (params.get('diff')) diffBox.scrollIntoView();
 }
 
 const BUMP = { BUMP_NONE: 'NONE', BUMP_PATCH: 'PATCH', BUMP_MINOR: 'MINOR', BUMP_MAJOR: 'MAJOR' };
 
-async function showDiff(type, from, to, box, versions) {
+async function showDiff(type, from, to, box) {
   if (from === to) {
     box.replaceChildren(h('p', { class: 'muted' }, 'The same version on both sides.'));
     return;
@@ -401,7 +401,6 @@ async function showDiff(type, from, to, box, versions) {
   } catch (error) {
     showError(error, box);
   }
-  void versions;
 }
 
 function semverLess(a, b) {

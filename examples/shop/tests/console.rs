@@ -38,6 +38,18 @@ fn node_path() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Stops the browser script by its PID when the test ends before it does (a
+/// timeout, or a panic on the test's side).
+struct Stop(u32);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
+
 /// Runs the browser script for `scenario` and answers its requests: a line
 /// `publish TYPE` (or `publish TYPE large`, with a payload of some 3 KB) from it
 /// publishes an event of TYPE and answers `published ID`.
@@ -60,7 +72,7 @@ async fn run_script(scenario: &str, env: &[(&str, String)], node: &TestNode) {
     let mut child = command
         .spawn()
         .expect("node runs (scripts/test installs Node.js)");
-    let pid = child.id();
+    let stop = Stop(child.id());
     let mut stdin = child.stdin.take().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
@@ -112,13 +124,13 @@ async fn run_script(scenario: &str, env: &[(&str, String)], node: &TestNode) {
         }
     };
     if tokio::time::timeout(SCRIPT_PATIENCE, talk).await.is_err() {
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status();
+        drop(stop);
         let _ = child.wait();
         panic!("the browser script ({scenario}) took longer than {SCRIPT_PATIENCE:?}");
     }
     let status = child.wait().unwrap();
+    // Ended and reaped: its PID is no longer its own to kill.
+    std::mem::forget(stop);
     assert!(
         status.success(),
         "the browser script ({scenario}) failed: {status}"
