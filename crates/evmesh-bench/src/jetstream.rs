@@ -23,10 +23,9 @@ pub enum Shape {
     /// its window, and no more.
     MsgId,
     /// As the JetStream backend publishes an event: a subject of its own
-    /// (`….<correlation>.<partition>.<type>.<id>`), `Nats-Msg-Id` and an expected
-    /// last subject sequence of 0 (idempotency past the duplicate window). The
-    /// server's side of evmesh's guarantees, without the
-    /// node.
+    /// (`….<correlation>.<partition>.<type>.<id>`) and an expected last subject
+    /// sequence of 0 (idempotency for the whole retention). The server's side of
+    /// evmesh's guarantees, without the node.
     AsEvmesh,
 }
 
@@ -89,11 +88,14 @@ impl Direct<'_> {
         Ok(admin)
     }
 
-    /// `streams` connections publishing `n` messages of `payload` bytes in all to
-    /// a fresh stream; returns how many were acked and how long it took.
+    /// `streams` connections publishing `warm` messages of `payload` bytes in all to
+    /// a fresh stream, untimed, then `n` more to the same stream; returns how many
+    /// of those were acked and how long they took. The timed run finds the stream
+    /// as a node's timed run finds its own: holding the warm-up's messages.
     pub async fn publish(
         &self,
         streams: u64,
+        warm: u64,
         n: u64,
         payload: usize,
         shape: Shape,
@@ -105,16 +107,23 @@ impl Direct<'_> {
             contexts.push(self.context().await?);
         }
         let subject = format!("bench{streams}.order.placed");
-        let per = n / streams;
+        let run = |n: u64| {
+            let per = n / streams;
+            let tasks: Vec<_> = contexts
+                .iter()
+                .map(|js| tokio::spawn(publisher(js.clone(), subject.clone(), per, payload, shape)))
+                .collect();
+            async move {
+                let mut acked = 0;
+                for t in tasks {
+                    acked += t.await??;
+                }
+                anyhow::Ok(acked)
+            }
+        };
+        run(warm).await?;
         let start = Instant::now();
-        let tasks: Vec<_> = contexts
-            .into_iter()
-            .map(|js| tokio::spawn(publisher(js, subject.clone(), per, payload, shape)))
-            .collect();
-        let mut acked = 0;
-        for t in tasks {
-            acked += t.await??;
-        }
+        let acked = run(n).await?;
         let elapsed = start.elapsed();
         admin.delete_stream(&name).await?;
         Ok((acked, elapsed))
@@ -240,7 +249,6 @@ async fn publisher(
                 let id = uuid::Uuid::now_v7().simple().to_string();
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(body.clone().into())
-                    .message_id(&id)
                     .expected_last_subject_sequence(0);
                 // One workflow per event, as the bench's evmesh publishes.
                 let subject = format!("{subject}.{id}.{}.order.placed.{id}", &id[..1]);

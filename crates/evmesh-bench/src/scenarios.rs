@@ -140,15 +140,14 @@ pub async fn jetstream(
     shape: crate::jetstream::Shape,
 ) -> anyhow::Result<Row> {
     use crate::jetstream::Shape;
-    direct
-        .publish(streams, warm_up(events), payload, shape)
+    let (acked, elapsed) = direct
+        .publish(streams, warm_up(events), events, payload, shape)
         .await?;
-    let (acked, elapsed) = direct.publish(streams, events, payload, shape).await?;
     let (what, kind) = match shape {
         Shape::Plain => ("", Kind::JetStream { streams }),
         Shape::MsgId => (" with a msg id each", Kind::Other),
         Shape::AsEvmesh => (
-            " as evmesh publishes (subject per event, msg id, expected subject seq)",
+            " as evmesh publishes (subject per event, expected subject seq)",
             Kind::JetStreamAsEvmesh { streams },
         ),
     };
