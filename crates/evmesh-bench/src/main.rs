@@ -347,6 +347,22 @@ async fn fresh_node(data: Option<PathBuf>, nats: Option<Nats>) -> anyhow::Result
     Ok(node)
 }
 
+/// Waits for SIGINT or SIGTERM; names the one that came.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers the default actions stay: nothing to wait for.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 /// Flushes the machine's dirty pages (`sync`), so that a step's fsyncs do not wait
 /// behind the write-back of the step before.
 fn settle() {
@@ -433,7 +449,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let payload = args.payload;
-    let rows = runtime.block_on(async {
+    let run = async {
         let mut rows: Vec<Row> = Vec::new();
         let mut ceiling_addr = None;
         let mut reference: Option<evmesh_testkit::NatsCluster> = None;
@@ -558,6 +574,16 @@ fn main() -> anyhow::Result<()> {
             rows.push(row);
         }
         anyhow::Ok(rows)
+    };
+    // Interrupted, the run is dropped where it stands: its nodes, node processes
+    // and nats-servers are stopped by their destructors, not left running.
+    let rows = runtime.block_on(async {
+        tokio::select! {
+            rows = run => rows,
+            signal = interrupted() => Err(anyhow::anyhow!(
+                "interrupted by {signal}: the nodes and nats-servers of the run are stopped"
+            )),
+        }
     });
     progress.finish_and_clear();
     let mut rows = rows?;

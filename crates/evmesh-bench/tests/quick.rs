@@ -168,3 +168,78 @@ fn quick_run_on_the_jetstream_backend() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// The processes whose parent is `parent` and whose name is `name`.
+fn children(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; the name may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if &stat[open + 1..close] == name && ppid == Some(parent.to_string().as_str()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status();
+}
+
+/// A run stopped with SIGTERM (or Ctrl-C) stops the nats-servers it started
+/// instead of leaving them running.
+#[test]
+fn an_interrupted_run_stops_its_nats_servers() {
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_evmesh-bench"))
+        .args([
+            "--backend",
+            "jetstream",
+            "--scenarios",
+            "publish",
+            "--events",
+            "100000000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run evmesh-bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let servers = loop {
+        let servers = children(bench.id(), "nats-server");
+        if !servers.is_empty() {
+            break servers;
+        }
+        if std::time::Instant::now() > deadline
+            || bench.try_wait().expect("poll the bench").is_some()
+        {
+            signal(bench.id(), "KILL");
+            panic!("the bench started no nats-server");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    signal(bench.id(), "TERM");
+    let out = bench.wait_with_output().expect("the bench ends");
+    let left: Vec<_> = servers.iter().copied().filter(|&pid| alive(pid)).collect();
+    for &pid in &left {
+        signal(pid, "KILL");
+    }
+    assert!(left.is_empty(), "nats-servers left running: {left:?}");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
+}
