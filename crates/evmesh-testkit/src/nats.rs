@@ -146,16 +146,18 @@ impl NatsServer {
     /// Starts a server as `layout` says; an error when it exits before it listens.
     async fn spawn(layout: &Layout<'_>, binary: &Path) -> Result<Self, String> {
         let config = layout.write();
-        let mut child = std::process::Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start nats-server");
+        let mut starting = Starting(Some(
+            std::process::Command::new(binary)
+                .arg("--config")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start nats-server"),
+        ));
         let ports = layout
             .store_dir
-            .join(format!("nats-server_{}.ports", child.id()));
+            .join(format!("nats-server_{}.ports", starting.child().id()));
         let deadline = Instant::now() + PATIENCE;
         let (addr, monitor) = loop {
             let listed = std::fs::read(&ports)
@@ -173,20 +175,19 @@ impl NatsServer {
             {
                 break (client, monitor);
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = starting.child().try_wait() {
                 return Err(format!(
                     "nats-server exited with {status} before it listened"
                 ));
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
                 return Err(format!(
                     "nats-server wrote no ports file within {PATIENCE:?}"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        let child = starting.listening();
         Ok(Self {
             addr,
             name: layout.name.to_owned(),
@@ -281,6 +282,31 @@ impl NatsServer {
         let text = String::from_utf8(response).ok()?;
         let (_, body) = text.split_once("\r\n\r\n")?;
         serde_json::from_str(body).ok()
+    }
+}
+
+/// A nats-server spawned and not listening yet: killed and reaped if its start is
+/// abandoned (an error, or the starting future dropped, as an interrupted bench
+/// drops it), so that no server outlives the one who started it.
+struct Starting(Option<std::process::Child>);
+
+impl Starting {
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("a starting server has its process")
+    }
+
+    /// It listens: its process is the server's now.
+    fn listening(mut self) -> std::process::Child {
+        self.0.take().expect("a starting server has its process")
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -1298,8 +1298,12 @@ impl Agent {
         };
         let sent = Instant::now();
         owner.renew_at = sent + RENEW_EVERY;
-        let renewed = tokio::time::timeout(
-            LEASE_TTL - LEASE_MARGIN,
+        // A renewal waits no later than the lease it renews stands: an owner cut
+        // off from NATS (its request held until the client reconnects) must step
+        // down on time, not when the request's own timeout ends, which could be
+        // after another node took the lapsed lease.
+        let renewed = tokio::time::timeout_at(
+            owner.valid_until,
             self.shared.leases.update(
                 &self.group,
                 Bytes::from(self.shared.instance.clone()),
