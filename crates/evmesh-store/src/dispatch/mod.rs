@@ -8,6 +8,6 @@ mod task;
 
 pub(crate) use core::{ParkedChange, ParkedRow};
 pub(crate) use registry::{GroupCatalog, GroupRegistry};
-pub(crate) use task::{Checkpoint, Command, GroupHandle, GroupLog, GroupRow, Restored};
+pub(crate) use task::{Checkpoint, Command, GroupHandle, GroupLog, GroupRow, Restored, Tenure};
 #[cfg(test)]
 pub(crate) use task::{Groups, spawn_durable};

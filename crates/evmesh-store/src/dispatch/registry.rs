@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::task::JoinHandle;
 
 use super::task::{
-    Command, GroupHandle, GroupLog, GroupRow, Groups, spawn_durable, spawn_ephemeral,
+    Command, GroupHandle, GroupLog, GroupRow, Groups, Tenure, spawn_durable, spawn_ephemeral,
 };
 use crate::{GroupTally, Result, StartPosition, StoreError, Subscription, SubscriptionSpec};
 
@@ -94,15 +94,15 @@ impl<L: GroupCatalog> GroupRegistry<L> {
         name: &str,
         create: Option<&SubscriptionSpec>,
     ) -> Result<(GroupHandle, bool)> {
-        self.handle(name, create, None).await
+        self.handle(name, create, Tenure::default()).await
     }
 
-    /// As `group`, a dispatcher spawned now dispatching nothing before `hold_until`.
+    /// As `group`, a dispatcher spawned now dispatching only as `tenure` says.
     pub(crate) async fn handle(
         &self,
         name: &str,
         create: Option<&SubscriptionSpec>,
-        hold_until: Option<tokio::time::Instant>,
+        tenure: Tenure,
     ) -> Result<(GroupHandle, bool)> {
         let mut groups = self.groups.lock().await;
         if let Some(handle) = groups.get(name)
@@ -128,14 +128,8 @@ impl<L: GroupCatalog> GroupRegistry<L> {
             (None, None) => return Err(StoreError::NotFound(format!("group {name:?}"))),
         };
         let tally = self.tally(name);
-        let (handle, task) = spawn_durable(
-            self.log.clone(),
-            row,
-            self.groups.clone(),
-            hold_until,
-            tally,
-        )
-        .await?;
+        let (handle, task) =
+            spawn_durable(self.log.clone(), row, self.groups.clone(), tenure, tally).await?;
         self.tasks.lock().await.push(task);
         groups.insert(name.to_owned(), handle.clone());
         Ok((handle, created))

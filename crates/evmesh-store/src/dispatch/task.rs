@@ -294,6 +294,9 @@ struct Dispatcher<L> {
     /// Nothing is dispatched before this (a new owner waits for the members of
     /// the last one to tell what they hold).
     hold_until: Option<Instant>,
+    /// Nothing is dispatched from the time this says on (a mesh owner's lease, as
+    /// far as its last answered renewal vouches for it), until it moves on.
+    lease: Option<watch::Receiver<Instant>>,
     /// Set once the dispatcher handed its group over: it ends with no checkpoint.
     abdicated: bool,
     /// Set once it logged that retention made it skip events.
@@ -359,6 +362,7 @@ impl<L: GroupLog> Dispatcher<L> {
             deleted: false,
             idle_since: None,
             hold_until: None,
+            lease: None,
             abdicated: false,
             skip_logged: false,
             commands,
@@ -374,18 +378,28 @@ impl<L: GroupLog> Dispatcher<L> {
     }
 }
 
+/// When a durable group's dispatcher may dispatch: by default, always.
+#[derive(Default)]
+pub(crate) struct Tenure {
+    /// Not before this.
+    pub(crate) hold_until: Option<Instant>,
+    /// Not from the time this says on (while it says so).
+    pub(crate) lease: Option<watch::Receiver<Instant>>,
+}
+
 pub(crate) async fn spawn_durable<L: GroupLog>(
     log: Arc<L>,
     row: GroupRow,
     groups: Groups,
-    hold_until: Option<Instant>,
+    tenure: Tenure,
     tally: Arc<crate::GroupTally>,
 ) -> Result<(GroupHandle, JoinHandle<()>)> {
     let restored = log.restore(&row.name).await?;
     let (mut dispatcher, handle) = Dispatcher::new(log, row, true);
     dispatcher.core.count_into(tally);
     dispatcher.registry = Some((groups, handle.commands.clone()));
-    dispatcher.hold_until = hold_until;
+    dispatcher.hold_until = tenure.hold_until;
+    dispatcher.lease = tenure.lease;
     dispatcher.core.restore(
         restored.settled,
         restored.redrive,
@@ -418,6 +432,7 @@ impl<L: GroupLog> Dispatcher<L> {
         let mut head = self.log.watch_head();
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lease = self.lease.take();
         loop {
             if *shutdown.borrow_and_update() {
                 break;
@@ -440,7 +455,8 @@ impl<L: GroupLog> Dispatcher<L> {
             if self.hold_until.is_some_and(|until| until <= now) {
                 self.hold_until = None;
             }
-            if self.hold_until.is_none() {
+            let leased = lease.as_mut().is_none_or(|l| now < *l.borrow_and_update());
+            if self.hold_until.is_none() && leased {
                 self.core.dispatch(now);
             }
             self.members.store(
@@ -491,6 +507,8 @@ impl<L: GroupLog> Dispatcher<L> {
                 Ok(()) = head.changed(), if self.core.wants_events() => {}
                 () = sleep_until(wake), if wake.is_some() => self.core.expire(Instant::now()),
                 () = sleep_until(self.hold_until), if self.hold_until.is_some() => {}
+                // A lease renewed: what waited for it goes out.
+                Ok(()) = renewed(&mut lease), if lease.is_some() => {}
                 _ = tick.tick() => {
                     if let Err(e) = self.checkpoint(None).await {
                         tracing::error!(group = %self.name(), error = %e, "checkpoint");
@@ -792,6 +810,16 @@ impl<L: GroupLog> Dispatcher<L> {
 fn forget(map: &mut HashMap<String, GroupHandle>, name: &str, own: &mpsc::Sender<Command>) {
     if map.get(name).is_some_and(|h| h.is(own)) {
         map.remove(name);
+    }
+}
+
+/// Waits until `lease` changes (never when there is none).
+async fn renewed(
+    lease: &mut Option<watch::Receiver<Instant>>,
+) -> std::result::Result<(), watch::error::RecvError> {
+    match lease {
+        Some(lease) => lease.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -533,7 +533,7 @@ mod tests {
     use evmesh_proto::v1::Event;
 
     use super::*;
-    use crate::dispatch::{Command, Groups, spawn_durable};
+    use crate::dispatch::{Command, Groups, Tenure, spawn_durable};
     use crate::jetstream::JetStreamConfig;
     use crate::{Feedback, SubscriptionSpec};
 
@@ -607,6 +607,13 @@ mod tests {
         }
     }
 
+    fn spec() -> SubscriptionSpec {
+        SubscriptionSpec {
+            group: Some("billing.workers".into()),
+            ..SubscriptionSpec::new(vec![Pattern::parse("t.>").unwrap()])
+        }
+    }
+
     async fn open(server: &Server) -> Arc<JetStreamGroups> {
         let log = JetStreamLog::connect(&JetStreamConfig::new(vec![server.url.clone()]))
             .await
@@ -620,6 +627,56 @@ mod tests {
             .expect("a delivery in time")
             .expect("a delivery");
         (d.event.sequence, d.attempt)
+    }
+
+    /// A mesh owner's dispatcher stops at its lease's end by itself (its agent may
+    /// be held up), and goes on once the lease is renewed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dispatcher_whose_lease_ended_dispatches_nothing_until_it_is_renewed() {
+        let server = Server::start().await;
+        let groups = open(&server).await;
+        assert!(groups.create_group(&row()).await.unwrap());
+        groups
+            .log
+            .append(vec![event("a1", "a"), event("b1", "b")])
+            .await
+            .unwrap();
+        let stored = groups.group_row("billing.workers").await.unwrap().unwrap();
+        let (lease, lease_rx) = tokio::sync::watch::channel(tokio::time::Instant::now());
+        let tenure = Tenure {
+            hold_until: None,
+            lease: Some(lease_rx),
+        };
+        let (handle, task) = spawn_durable(
+            groups.clone(),
+            stored,
+            Groups::default(),
+            tenure,
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+        let spec = spec();
+        let mut sub = handle.join(spec, false).await.unwrap();
+        // Two round trips: the dispatcher has read the events and passed its gate.
+        for _ in 0..2 {
+            let (reply, flushed) = tokio::sync::oneshot::channel();
+            handle.send(Command::Flush(reply)).await.unwrap();
+            flushed.await.unwrap().unwrap();
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.next())
+                .await
+                .is_err(),
+            "delivered after the lease ended"
+        );
+        lease.send_replace(tokio::time::Instant::now() + Duration::from_secs(60));
+        let mut delivered = vec![next(&mut sub).await, next(&mut sub).await];
+        delivered.sort();
+        assert_eq!(delivered, [(1, 1), (2, 1)]);
+        drop(sub);
+        drop(handle);
+        task.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,15 +700,12 @@ mod tests {
             groups.clone(),
             stored,
             Groups::default(),
-            None,
+            Tenure::default(),
             Arc::default(),
         )
         .await
         .unwrap();
-        let spec = SubscriptionSpec {
-            group: Some("billing.workers".into()),
-            ..SubscriptionSpec::new(vec![Pattern::parse("t.>").unwrap()])
-        };
+        let spec = spec();
         let mut sub = handle.join(spec.clone(), false).await.unwrap();
         let control = sub.control();
         let mut first = vec![
@@ -709,7 +763,7 @@ mod tests {
             other.clone(),
             stored,
             Groups::default(),
-            None,
+            Tenure::default(),
             Arc::default(),
         )
         .await

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{JetStreamGroups, JetStreamLog, unavailable};
-use crate::dispatch::{Command, GroupHandle, GroupRegistry};
+use crate::dispatch::{Command, GroupHandle, GroupRegistry, Tenure};
 use crate::{
     Delivery, Feedback, GroupInfo, Membership, NodeGroup, Pattern, Result, StoreError, StoredEvent,
     Subscription, SubscriptionControl, SubscriptionSpec,
@@ -582,6 +582,8 @@ struct Remote {
 struct Owner {
     revision: u64,
     valid_until: Instant,
+    /// `valid_until`, as the dispatcher reads it.
+    lease: watch::Sender<Instant>,
     renew_at: Instant,
     handle: GroupHandle,
     /// Remote members by their id here.
@@ -870,8 +872,20 @@ impl Agent {
         // Nothing goes out until every member that may hold deliveries from the
         // last owner has said what (maybe_release).
         let waiting = self.shared.member_nodes(&self.group).await;
-        let hold = Some(Instant::now() + TAKEOVER_WAIT);
-        let handle = match self.shared.registry.handle(&self.group, create, hold).await {
+        let valid_until = sent + LEASE_TTL - LEASE_MARGIN;
+        let (lease, lease_rx) = watch::channel(valid_until);
+        let tenure = Tenure {
+            hold_until: Some(Instant::now() + TAKEOVER_WAIT),
+            // The dispatcher stops at the lease's end by itself, also when this
+            // agent is held up elsewhere and steps down late.
+            lease: Some(lease_rx),
+        };
+        let handle = match self
+            .shared
+            .registry
+            .handle(&self.group, create, tenure)
+            .await
+        {
             Ok((handle, created)) => {
                 self.created = created;
                 handle
@@ -888,7 +902,8 @@ impl Agent {
         tracing::info!(group = %self.group, waiting = ?waiting, "this node owns the group");
         self.role = Role::Owner(Owner {
             revision,
-            valid_until: sent + LEASE_TTL - LEASE_MARGIN,
+            valid_until,
+            lease,
             renew_at: sent + RENEW_EVERY,
             handle,
             remote: HashMap::new(),
@@ -1315,10 +1330,12 @@ impl Agent {
             Ok(Ok(revision)) => {
                 owner.revision = revision;
                 owner.valid_until = sent + LEASE_TTL - LEASE_MARGIN;
+                owner.lease.send_replace(owner.valid_until);
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 tracing::warn!(group = %self.group, "the group's lease lapsed");
                 owner.valid_until = sent;
+                owner.lease.send_replace(sent);
             }
             Ok(Err(e)) => {
                 tracing::warn!(group = %self.group, error = %e, "renewing the group's lease")
