@@ -581,9 +581,9 @@ struct Remote {
 
 struct Owner {
     revision: u64,
-    valid_until: Instant,
-    /// `valid_until`, as the dispatcher reads it.
-    lease: watch::Sender<Instant>,
+    /// Until when this node may dispatch: its last answered renewal plus the
+    /// lease less the margin. The dispatcher reads it too.
+    valid_until: watch::Sender<Instant>,
     renew_at: Instant,
     handle: GroupHandle,
     /// Remote members by their id here.
@@ -872,13 +872,12 @@ impl Agent {
         // Nothing goes out until every member that may hold deliveries from the
         // last owner has said what (maybe_release).
         let waiting = self.shared.member_nodes(&self.group).await;
-        let valid_until = sent + LEASE_TTL - LEASE_MARGIN;
-        let (lease, lease_rx) = watch::channel(valid_until);
+        let (valid_until, lease) = watch::channel(sent + LEASE_TTL - LEASE_MARGIN);
         let tenure = Tenure {
             hold_until: Some(Instant::now() + TAKEOVER_WAIT),
             // The dispatcher stops at the lease's end by itself, also when this
             // agent is held up elsewhere and steps down late.
-            lease: Some(lease_rx),
+            lease: Some(lease),
         };
         let handle = match self
             .shared
@@ -903,7 +902,6 @@ impl Agent {
         self.role = Role::Owner(Owner {
             revision,
             valid_until,
-            lease,
             renew_at: sent + RENEW_EVERY,
             handle,
             remote: HashMap::new(),
@@ -1258,7 +1256,7 @@ impl Agent {
                             owner
                                 .remote
                                 .retain(|_, r| now.duration_since(r.heard) < REMOTE_SILENCE);
-                            Instant::now() >= owner.valid_until
+                            Instant::now() >= *owner.valid_until.borrow()
                         }
                         _ => false,
                     };
@@ -1317,8 +1315,9 @@ impl Agent {
         // off from NATS (its request held until the client reconnects) must step
         // down on time, not when the request's own timeout ends, which could be
         // after another node took the lapsed lease.
+        let until = *owner.valid_until.borrow();
         let renewed = tokio::time::timeout_at(
-            owner.valid_until,
+            until,
             self.shared.leases.update(
                 &self.group,
                 Bytes::from(self.shared.instance.clone()),
@@ -1329,13 +1328,13 @@ impl Agent {
         match renewed {
             Ok(Ok(revision)) => {
                 owner.revision = revision;
-                owner.valid_until = sent + LEASE_TTL - LEASE_MARGIN;
-                owner.lease.send_replace(owner.valid_until);
+                owner
+                    .valid_until
+                    .send_replace(sent + LEASE_TTL - LEASE_MARGIN);
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 tracing::warn!(group = %self.group, "the group's lease lapsed");
-                owner.valid_until = sent;
-                owner.lease.send_replace(sent);
+                owner.valid_until.send_replace(sent);
             }
             Ok(Err(e)) => {
                 tracing::warn!(group = %self.group, error = %e, "renewing the group's lease")

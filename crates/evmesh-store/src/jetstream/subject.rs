@@ -68,30 +68,15 @@ fn partition(aggregate_id: &str) -> Cow<'static, str> {
 /// The subject of one event (its type is a valid event type, its id and
 /// correlation id filled in).
 pub(crate) fn event_subject(event: &Event) -> String {
-    // Built by hand, not with `format!`: this runs for every event published.
-    let (correlation, partition, id) = (
-        token(&event.correlation_id),
-        partition(&event.aggregate_id),
-        token(&event.id),
-    );
-    let mut subject = String::with_capacity(
-        EVENTS_PREFIX.len()
-            + correlation.len()
-            + partition.len()
-            + event.r#type.len()
-            + id.len()
-            + 4,
-    );
-    for (i, part) in [EVENTS_PREFIX, &correlation, &partition, &event.r#type, &id]
-        .into_iter()
-        .enumerate()
-    {
-        if i > 0 {
-            subject.push('.');
-        }
-        subject.push_str(part);
-    }
-    subject
+    // `join`, not `format!`: one allocation of the exact size, on every publish.
+    [
+        EVENTS_PREFIX,
+        &token(&event.correlation_id),
+        &partition(&event.aggregate_id),
+        &event.r#type,
+        &token(&event.id),
+    ]
+    .join(".")
 }
 
 /// Every event of one correlation id.
